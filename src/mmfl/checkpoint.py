@@ -1,0 +1,124 @@
+"""Checkpoints: atomic writes, safe loads, and rebuilding a ready-to-use model from one file.
+
+A checkpoint is a plain dict saved with ``torch.save`` and read with ``weights_only=True``:
+``format``/``version``, the resolved ``config``, the data-derived sizes (``num_items``,
+``num_attributes``, ``num_categories`` and their names), the model ``state_dict`` and, for
+training checkpoints, ``train_state`` (optimizers, scheduler, scaler, sampler, RNG, epoch).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmfl.errors import CheckpointError
+
+FORMAT = "mmfl-checkpoint"
+VERSION = 1
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``.
+
+    A crash at any point leaves either the old file or the new one, never a torn file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file (identifies the checkpoint an index was built with)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and validate a checkpoint dict; a missing, truncated or foreign file is a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        reason = str(exc).split("\n")[0][:160]
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt: {reason})") from None
+    except Exception as exc:  # pickle.UnpicklingError and friends from foreign files
+        reason = str(exc).split("\n")[0][:160]
+        raise CheckpointError(f"{path}: not an mmfl checkpoint ({type(exc).__name__}: {reason})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an mmfl checkpoint (no '{FORMAT}' header)")
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {ckpt.get('version')} is not supported (expected {VERSION})")
+    return ckpt
+
+
+def model_payload(model: torch.nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
+    """The part of a checkpoint needed to rebuild the model for inference."""
+    state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
+    return {"format": FORMAT, "version": VERSION, **meta, "model": state}
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP and torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuild the model stored in ``checkpoint``, load its weights and return it in eval mode.
+
+    The returned module carries ``model.meta`` (config dict, names of items' attributes and
+    categories, and ``checkpoint_sha256``) for eval, index and export.
+    """
+    from mmfl.config import config_from_dict
+    from mmfl.models import build_model
+
+    ckpt = read_checkpoint(checkpoint)
+    try:
+        cfg = config_from_dict(ckpt["config"])
+        cfg.model.pretrained = "none"  # the checkpoint holds the trained weights
+        model = build_model(cfg, ckpt["num_items"], ckpt["num_attributes"], ckpt.get("num_categories", 0))
+        model.load_state_dict(ckpt["model"], strict=True)
+    except (KeyError, RuntimeError) as exc:
+        reason = str(exc).split("\n")[0][:200]
+        raise CheckpointError(f"{checkpoint}: checkpoint does not fit its own model ({reason})") from None
+    model.meta = {
+        "config": ckpt["config"],
+        "num_items": ckpt["num_items"],
+        "attribute_names": list(ckpt.get("attribute_names", [])),
+        "category_names": list(ckpt.get("category_names", [])),
+        "checkpoint_sha256": file_sha256(checkpoint),
+        "checkpoint": str(checkpoint),
+    }
+    return model.to(device).eval()

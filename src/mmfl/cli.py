@@ -1,0 +1,76 @@
+"""The ``mmfl`` command line: one sub-parser per subcommand, each defined in ``mmfl.commands``.
+
+A command module exposes ``register(subparsers)`` which adds its parser and sets
+``func=run``. Heavy imports (torch, faiss) happen inside ``run`` so ``mmfl --help`` is fast.
+User errors (:class:`~mmfl.errors.MMFLError`) print one line and exit 2; ``--debug`` shows
+the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from mmfl import __version__
+from mmfl.errors import MMFLError, NotAvailableError
+
+#: subcommand -> (module under mmfl.commands, one-line help); order is the order in --help.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("synth", "generate a consumer-to-shop dataset (DeepFashion layout)"),
+    "train": ("train", "train MMFL-Net (or a baseline preset)"),
+    "eval": ("evaluate", "evaluate a checkpoint: top-k accuracy, mAP, plots"),
+    "index": ("index", "embed a shop gallery into a searchable index"),
+    "search": ("search", "find the shop items matching a photo"),
+    "serve": ("serve", "HTTP API and web page for visual search"),
+    "export": ("export", "export a checkpoint to ONNX (parity-checked)"),
+    "demo": ("demo", "run the whole pipeline on generated data"),
+    "model-info": ("model_info", "parameters, GFLOPs and embedding size of a preset"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmfl",
+        description="Consumer-to-shop fashion retrieval with MMFL-Net.",
+    )
+    parser.add_argument("--version", action="version", version=f"mmfl {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        try:
+            mod = importlib.import_module(f"mmfl.commands.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"mmfl.commands.{module}":
+                raise
+            _register_unavailable(subparsers, name, help_text)
+            continue
+        mod.register(subparsers, name, help_text)
+    return parser
+
+
+def _register_unavailable(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
+    sub = subparsers.add_parser(name, help=f"{help_text} (not available yet)", description=f"{help_text}: not available yet.")
+    sub.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+    def run(_: argparse.Namespace) -> int:
+        raise NotAvailableError(f"'mmfl {name}' is not available yet")
+
+    sub.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MMFLError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

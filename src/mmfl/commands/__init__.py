@@ -1,0 +1,1 @@
+"""One module per ``mmfl`` subcommand: ``register(subparsers, name, help)`` + ``run(args)``."""

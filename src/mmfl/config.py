@@ -1,0 +1,331 @@
+"""Typed run configuration: dataclass schema, YAML presets, ``key=value`` overrides.
+
+Every module takes plain arguments; this file is the one place that knows the whole
+schema. Presets live in ``mmfl/configs/<name>.yaml`` (also reachable as ``configs/`` at the
+repository root) and hold only what differs from the defaults below. Errors are one line,
+name the key and say what is allowed, because a typo in a 3-hour run should fail in a second.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+from mmfl.errors import MMFLError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(MMFLError, ValueError):
+    """A config file, preset or override is wrong; the message is one line naming the key."""
+
+
+@dataclass
+class BranchSpec:
+    """One retrieval branch, described as data.
+
+    ``level`` is the pyramid level the branch reads (2..5 = stride 4..32; the fused map when
+    fusion is on, the backbone stage otherwise). ``partition`` is ``whole``, ``stripes:N``
+    (N horizontal stripes, MGN-style) or ``grid:RxC`` (local patches). Each part gets its own
+    embedding of width ``dim`` with a BNNeck and an ID classifier; ``with_whole`` adds one
+    embedding of the whole map to a partitioned branch (as MGN's part branches do).
+    """
+
+    name: str = "global"
+    level: int = 5
+    partition: str = "whole"
+    pooling: Literal["avg", "max", "gem"] = "avg"
+    dim: int = 256
+    with_whole: bool = False
+
+
+@dataclass
+class DataConfig:
+    root: str = ""
+    format: Literal["deepfashion-c2s", "inshop", "street2shop", "deepfashion2", "csv"] = "deepfashion-c2s"
+    train_split: str = "train"
+    val_split: str = "val"
+    skip_bad: bool = False
+    num_workers: int = 2
+
+
+@dataclass
+class InputConfig:
+    size: int = 256
+    flip: bool = True
+    crop_scale_min: float = 0.6
+    color_jitter: float = 0.2
+    random_erasing: float = 0.5
+
+
+@dataclass
+class ModelConfig:
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2"] = "resnet50"
+    pretrained: str = "none"  # none | imagenet | path to a state dict
+    last_stride: Literal[1, 2] = 1
+    freeze_stages: int = 0  # backbone stages (0..4) kept frozen, for small CPU budgets
+    fusion: Literal["none", "topdown", "bidirectional"] = "none"
+    fusion_levels: list[int] = field(default_factory=lambda: [3, 4, 5])
+    neck_width: int = 256
+    branches: list[BranchSpec] = field(default_factory=lambda: [BranchSpec()])
+    attribute_head: bool = True
+    category_head: bool = False
+
+
+@dataclass
+class LossConfig:
+    id_weight: float = 1.0
+    label_smoothing: float = 0.1
+    triplet: Literal["none", "batch_hard", "improved"] = "improved"
+    triplet_weight: float = 1.0
+    margin: float = 0.3
+    hardness_temperature: float = 0.1  # improved trihard: softmax temperature over distances
+    center_weight: float = 5e-4  # 0 disables the center loss
+    center_lr: float = 0.5
+    attribute_weight: float = 1.0  # 0 disables the attribute BCE
+    category_weight: float = 0.0  # 0 disables the category CE
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_items: int = 16  # P
+    images_per_item: int = 4  # K
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 3.5e-4
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    warmup_epochs: int = 2
+    schedule: Literal["cosine", "step"] = "cosine"
+    step_milestones: list[int] = field(default_factory=lambda: [20, 27])
+    step_gamma: float = 0.1
+    grad_clip: float = 5.0  # 0 disables clipping
+    amp: bool = True  # bf16 autocast on GPU; ignored on CPU
+    channels_last: bool = True
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    deterministic: bool = False
+    eval_every: int = 1  # epochs between validation runs; 0 disables validation
+    max_steps_per_epoch: int = 0  # 0 = a full pass over the items
+    tensorboard: bool = True
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 64
+    flip: bool = False
+    rerank: bool = False
+    gallery_splits: list[str] = field(default_factory=list)  # empty = the query split only
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "runs/latest"
+    seed: int = 0
+
+
+def preset_names() -> list[str]:
+    """Names usable as ``--config NAME``."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(preset_or_path: str | Path | None = "mmfl", overrides: list[str] | None = None) -> Config:
+    """Build a validated :class:`Config` from a preset name or YAML path plus ``key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if preset_or_path:
+        raw = _read_yaml(_resolve(str(preset_or_path)))
+    cfg = _build(Config, raw, "")
+    for item in overrides or []:
+        apply_override(cfg, item)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Rebuild a config stored in a checkpoint or a ``config.yaml``."""
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write the fully resolved config (``config.yaml`` beside every run's outputs)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+def apply_override(cfg: Config, item: str) -> None:
+    """Apply one ``dotted.key=value`` override in place (value parsed as YAML, then type-checked)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key=value")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    target: Any = cfg
+    for depth, name in enumerate(parts):
+        if not dataclasses.is_dataclass(target):
+            raise ConfigError(f"unknown key '{key}': '{'.'.join(parts[:depth])}' has no sub-keys")
+        hints = get_type_hints(type(target))
+        if name not in hints:
+            where = ".".join(parts[:depth]) or "top level"
+            raise ConfigError(f"unknown key '{key}' (allowed at {where}: {', '.join(hints)})")
+        if depth == len(parts) - 1:
+            try:
+                value = yaml.safe_load(text) if text.strip() else ""
+            except yaml.YAMLError:
+                value = text
+            setattr(target, name, _coerce(value, hints[name], key))
+        else:
+            target = getattr(target, name)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    if cfg.input.size < 32:
+        raise ConfigError(f"input.size: {cfg.input.size} is too small (use 32 or more)")
+    if cfg.train.batch_items < 2 and cfg.loss.triplet != "none":
+        raise ConfigError("train.batch_items: a triplet loss needs at least 2 items per batch")
+    if cfg.train.images_per_item < 1:
+        raise ConfigError("train.images_per_item: must be at least 1")
+    if not cfg.model.branches:
+        raise ConfigError("model.branches: at least one branch is needed")
+    names = [b.name for b in cfg.model.branches]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"model.branches: branch names must be unique, got {names}")
+    for i, b in enumerate(cfg.model.branches):
+        parse_partition(b.partition, f"model.branches[{i}].partition")
+        if not 2 <= b.level <= 5:
+            raise ConfigError(f"model.branches[{i}].level: {b.level} not in 2..5 (stride 4..32)")
+        if cfg.model.fusion != "none" and b.level not in cfg.model.fusion_levels:
+            raise ConfigError(
+                f"model.branches[{i}].level: {b.level} is not a fused level {cfg.model.fusion_levels}"
+            )
+        if b.dim < 1:
+            raise ConfigError(f"model.branches[{i}].dim: must be positive")
+    if any(not 2 <= lv <= 5 for lv in cfg.model.fusion_levels) or len(cfg.model.fusion_levels) < 1:
+        raise ConfigError(f"model.fusion_levels: {cfg.model.fusion_levels} must be levels in 2..5")
+    if not 0 <= cfg.model.freeze_stages <= 4:
+        raise ConfigError("model.freeze_stages: must be in 0..4")
+
+
+def parse_partition(text: str, key: str = "partition") -> tuple[int, int]:
+    """``whole`` -> (1, 1); ``stripes:N`` -> (N, 1); ``grid:RxC`` -> (R, C)."""
+    try:
+        if text == "whole":
+            return 1, 1
+        kind, _, arg = text.partition(":")
+        if kind == "stripes":
+            rows, cols = int(arg), 1
+        elif kind == "grid":
+            r, _, c = arg.partition("x")
+            rows, cols = int(r), int(c)
+        else:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"{key}: '{text}' is not one of whole, stripes:N, grid:RxC") from None
+    if rows < 1 or cols < 1:
+        raise ConfigError(f"{key}: '{text}' needs positive part counts")
+    return rows, cols
+
+
+def _resolve(name: str) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file '{name}' does not exist")
+        return path
+    preset = PRESET_DIR / f"{name}.yaml"
+    if not preset.is_file():
+        raise ConfigError(f"unknown preset '{name}' (presets: {', '.join(preset_names())}; or give a .yaml path)")
+    return preset
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return data
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = get_type_hints(cls)
+    unknown = [k for k in raw if k not in hints]
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        raise ConfigError(f"unknown key '{key}' (allowed: {', '.join(hints)})")
+    obj = cls()
+    for name, value in raw.items():
+        setattr(obj, name, _coerce(value, hints[name], f"{prefix}{name}"))
+    return obj
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value if value is not None else {}, f"{key}.")
+    if origin is Literal:
+        allowed = get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not allowed (choose one of {', '.join(map(str, allowed))})")
+        return value
+    if origin is list:
+        (item_hint,) = get_args(hint)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and item_hint is not BranchSpec:
+            value = [v for v in str(value).split(",") if v] if isinstance(value, str) else [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        return [_coerce(v, item_hint, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported schema type {hint!r}")

@@ -1,0 +1,92 @@
+"""The one record table every dataset reader produces.
+
+Readers differ only in how they parse their format; training, evaluation and indexing see
+:class:`Catalog` alone. ``source`` keeps ``file:line`` of the annotation a record came from so
+that a bad image found later can still be traced to the line that named it.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable, Literal
+
+import numpy as np
+
+Domain = Literal["consumer", "shop"]
+Box = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image of one item: ``path`` is absolute, ``box`` is (x1, y1, x2, y2) in pixels or None."""
+
+    path: str
+    item_id: str
+    domain: Domain
+    split: str
+    box: Box | None = None
+    category: str | None = None
+    source: str = ""
+
+
+@dataclass
+class Catalog:
+    """All records of a dataset plus per-item attributes and what was skipped.
+
+    ``attributes[item_id]`` is an int8 vector over ``attribute_names`` in the DeepFashion
+    convention 1 = positive, -1 = negative, 0 = unknown (masked out by the loss).
+    ``skipped`` lists one human-readable reason per record dropped under ``--skip-bad``.
+    """
+
+    records: list[Record]
+    attribute_names: list[str] = field(default_factory=list)
+    attributes: dict[str, np.ndarray] = field(default_factory=dict)
+    category_names: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    name: str = ""
+
+    def split(self, splits: str | Iterable[str], domain: Domain | None = None) -> list[Record]:
+        """Records of the given split(s), optionally of one domain, in table order."""
+        wanted = {splits} if isinstance(splits, str) else set(splits)
+        return [r for r in self.records if r.split in wanted and (domain is None or r.domain == domain)]
+
+    def items(self, records: Iterable[Record]) -> list[str]:
+        """Distinct item ids of ``records`` in first-seen order (the label order used for training)."""
+        return list(dict.fromkeys(r.item_id for r in records))
+
+    def attribute_matrix(self, item_ids: list[str]) -> np.ndarray:
+        """(len(item_ids), num_attributes) int8 matrix; items without annotations are all-unknown (0)."""
+        out = np.zeros((len(item_ids), len(self.attribute_names)), dtype=np.int8)
+        for row, item in enumerate(item_ids):
+            vec = self.attributes.get(item)
+            if vec is not None:
+                out[row] = vec
+        return out
+
+    def summary(self) -> str:
+        """One line per split: images by domain and items, for logs and the CLI."""
+        lines = []
+        by_split: dict[str, list[Record]] = {}
+        for r in self.records:
+            by_split.setdefault(r.split, []).append(r)
+        for split, recs in by_split.items():
+            domains = Counter(r.domain for r in recs)
+            lines.append(
+                f"{split}: {len(self.items(recs))} items, {domains.get('consumer', 0)} consumer + "
+                f"{domains.get('shop', 0)} shop images"
+            )
+        if self.skipped:
+            lines.append(f"skipped: {len(self.skipped)} bad records (--skip-bad)")
+        return "\n".join(lines)
+
+
+def dedupe(records: Iterable[Record]) -> list[Record]:
+    """Drop exact repeats of (path, item, domain, split): pair lists name each image many times."""
+    seen: set[tuple[str, str, str, str]] = set()
+    out = []
+    for r in records:
+        key = (r.path, r.item_id, r.domain, r.split)
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
