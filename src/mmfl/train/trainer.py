@@ -1,0 +1,393 @@
+"""The training loop: P x K batches, multi-task losses, AMP, DDP, atomic checkpoints, exact resume.
+
+One function, :func:`train`, runs a whole job from a :class:`~mmfl.config.Config`. Resume
+happens at epoch boundaries: ``last.pt`` holds everything that determines the next epoch
+(weights, both optimizers, scheduler, sampler, RNG states), and per-epoch data-loader seeds
+are derived from ``seed + epoch``, so a resumed run repeats the uninterrupted one exactly in
+deterministic CPU mode.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from mmfl.checkpoint import atomic_save, model_payload, read_checkpoint
+from mmfl.config import Config, config_to_dict, dump_config
+from mmfl.data.dataset import RecordDataset
+from mmfl.data.formats import read_dataset
+from mmfl.data.records import Catalog, Record
+from mmfl.data.sampler import PKSampler
+from mmfl.data.transforms import train_transform
+from mmfl.errors import MMFLError
+from mmfl.train.distributed import DistInfo, average_gradients, barrier, init_distributed, shutdown
+from mmfl.train.schedule import lr_multiplier
+
+
+class TrainingError(MMFLError):
+    """Training cannot go on (non-finite loss, nothing to resume from, ...)."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    last_checkpoint: Path
+    best_checkpoint: Path | None
+    epochs_run: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class TrainData:
+    """Everything the loop needs from the dataset, derived once."""
+
+    catalog: Catalog
+    records: list[Record]
+    labels: dict[str, int]
+    attributes: torch.Tensor  # (num_items, A) int8 in {1,-1,0}
+    record_categories: torch.Tensor  # (N,) long, -1 unknown
+
+    @property
+    def num_items(self) -> int:
+        return len(self.labels)
+
+
+def prepare_data(cfg: Config) -> TrainData:
+    """Read the dataset and index the training split (labels in first-seen item order)."""
+    if not cfg.data.root:
+        raise TrainingError("data.root is not set (give data.root=DIR)")
+    catalog = read_dataset(cfg.data.root, cfg.data.format, skip_bad=cfg.data.skip_bad)
+    records = catalog.split(cfg.data.train_split)
+    if not records:
+        raise TrainingError(f"{cfg.data.root}: no records in split '{cfg.data.train_split}'")
+    items = catalog.items(records)
+    labels = {item: i for i, item in enumerate(items)}
+    attributes = torch.from_numpy(catalog.attribute_matrix(items))
+    cat_index = {name: i for i, name in enumerate(catalog.category_names)}
+    record_categories = torch.tensor([cat_index.get(r.category or "", -1) for r in records], dtype=torch.long)
+    return TrainData(catalog, records, labels, attributes, record_categories)
+
+
+def train(cfg: Config, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Run a training job as configured; returns where its checkpoints are."""
+    info, device = init_distributed(cfg.train.device)
+    try:
+        return _train(cfg, resume, progress, info, device)
+    finally:
+        shutdown(info)
+
+
+def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: torch.device) -> TrainResult:
+    from mmfl.losses import build_criterion
+    from mmfl.models import build_model
+
+    out = Path(cfg.output_dir)
+    ckpt_dir = out / "checkpoints"
+    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+    _seed_everything(cfg.seed, cfg.train.deterministic)
+
+    data = prepare_data(cfg)
+    if info.is_main:
+        dump_config(cfg, out / "config.yaml")
+        _log(f"data: {cfg.data.root} ({cfg.data.format})\n" + data.catalog.summary())
+
+    model = build_model(cfg, data.num_items, len(data.catalog.attribute_names), _num_categories(cfg, data))
+    criterion = build_criterion(cfg, data.num_items, cfg.model.branches[0].dim)
+    model.to(device)
+    criterion.to(device)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    sampler = PKSampler(
+        [r.item_id for r in data.records], [r.domain for r in data.records],
+        cfg.train.batch_items, cfg.train.images_per_item, seed=cfg.seed,
+        rank=info.rank, world_size=info.world_size,
+    )
+    steps_per_epoch = len(sampler)
+    if cfg.train.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
+
+    optimizer = _build_optimizer(cfg, model, device)
+    center_params = criterion.center_parameters()
+    center_opt = torch.optim.SGD(center_params, lr=cfg.loss.center_lr) if center_params else None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lr_multiplier(cfg.train.schedule, steps_per_epoch, cfg.train.epochs, cfg.train.warmup_epochs,
+                      cfg.train.step_milestones, cfg.train.step_gamma),
+    )
+
+    meta = {
+        "config": config_to_dict(cfg),
+        "num_items": data.num_items,
+        "num_attributes": len(data.catalog.attribute_names),
+        "num_categories": _num_categories(cfg, data),
+        "attribute_names": list(data.catalog.attribute_names),
+        "category_names": list(data.catalog.category_names),
+    }
+    start_epoch, best_top20, history = 0, -1.0, []
+    if resume:
+        if not last_path.is_file():
+            raise TrainingError(f"{last_path}: nothing to resume from (no last checkpoint)")
+        ckpt = read_checkpoint(last_path, map_location="cpu")
+        state = ckpt.get("train_state")
+        if state is None:
+            raise TrainingError(f"{last_path}: checkpoint has no training state to resume")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if center_opt is not None:
+            center_opt.load_state_dict(state["center_optimizer"])
+            criterion.load_state_dict(state["criterion"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        _set_rng_state(state["rng"])
+        start_epoch, best_top20, history = state["epoch"], state["best_top20"], state["history"]
+        if info.is_main:
+            _log(f"resuming from {last_path} at epoch {start_epoch + 1}/{cfg.train.epochs}")
+
+    train_model: torch.nn.Module = model
+    if info.enabled:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False,
+        )
+    if cfg.train.compile:
+        train_model = torch.compile(train_model)
+
+    writer = _tensorboard(cfg, out) if info.is_main else None
+    dataset = RecordDataset(
+        data.records,
+        train_transform(cfg.input.size, cfg.input.flip, cfg.input.crop_scale_min, cfg.input.color_jitter,
+                        cfg.input.random_erasing),
+        data.labels,
+    )
+    global_step = start_epoch * steps_per_epoch
+
+    def checkpoint_state(epoch: int) -> dict[str, Any]:
+        return {
+            **model_payload(model, meta),
+            "train_state": {
+                "epoch": epoch,
+                "best_top20": best_top20,
+                "history": history,
+                "optimizer": optimizer.state_dict(),
+                "center_optimizer": center_opt.state_dict() if center_opt is not None else None,
+                "criterion": criterion.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "sampler": sampler.state_dict(),
+                "rng": _get_rng_state(),
+            },
+        }
+
+    if cfg.train.epochs == 0 and info.is_main:
+        atomic_save(checkpoint_state(0), last_path)
+        _log(f"train.epochs=0: wrote the untrained checkpoint {last_path}")
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        sampler.set_epoch(epoch)
+        loader = DataLoader(
+            dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+            pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch),
+            worker_init_fn=_seed_worker, persistent_workers=False,
+        )
+        train_model.train()
+        sums: dict[str, float] = {}
+        seen, t0 = 0, time.perf_counter()
+        bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.train.epochs}", progress and info.is_main)
+        for step, (images, labels, index) in enumerate(loader):
+            if step >= steps_per_epoch:
+                break
+            images = images.to(device, non_blocking=True)
+            if cfg.train.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            labels = labels.to(device, non_blocking=True)
+            attrs = data.attributes[labels.cpu()].to(device) if data.attributes.shape[1] else None
+            cats = data.record_categories[index].to(device) if meta["num_categories"] else None
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.amp and device.type == "cuda"):
+                output = train_model(images)
+            total, terms = criterion(output, labels, attrs, cats)
+            if not torch.isfinite(total):
+                raise TrainingError(
+                    f"non-finite loss ({total.item()}) at epoch {epoch + 1} step {step + 1} "
+                    f"(global step {global_step + 1}); {last_path} keeps the last good state"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            if center_opt is not None:
+                center_opt.zero_grad(set_to_none=True)
+            total.backward()
+            if cfg.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.train.grad_clip)
+            optimizer.step()
+            if center_opt is not None:
+                average_gradients(center_params, info)
+                criterion.rescale_center_grads()
+                center_opt.step()
+            scheduler.step()
+            global_step += 1
+            seen += images.shape[0]
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            lr = optimizer.param_groups[0]["lr"]
+            rate = seen * info.world_size / max(1e-9, time.perf_counter() - t0)
+            if bar is not None:
+                bar.set_postfix(loss=f"{float(total):.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+                bar.update(1)
+            if writer is not None:
+                writer.add_scalar("train/loss", float(total), global_step)
+                for k, v in terms.items():
+                    writer.add_scalar(f"train/{k}", float(v), global_step)
+                writer.add_scalar("train/lr", lr, global_step)
+        if bar is not None:
+            bar.close()
+        steps_done = max(1, min(steps_per_epoch, len(sampler)))
+        row: dict[str, Any] = {
+            "kind": "epoch", "epoch": epoch + 1, "step": global_step,
+            **{f"loss_{k}" if k != "total" else "loss": v / steps_done for k, v in sums.items()},
+            "lr": optimizer.param_groups[0]["lr"],
+            "images_per_s": seen * info.world_size / max(1e-9, time.perf_counter() - t0),
+        }
+        history.append(row)
+        if info.is_main:
+            _append_jsonl(out / "metrics.jsonl", row)
+        if info.is_main and cfg.train.eval_every and (epoch + 1) % cfg.train.eval_every == 0:
+            val = validate(model, data.catalog, cfg, device)
+            if val is not None:
+                model.train()
+                val_row = {"kind": "eval", "epoch": epoch + 1, "split": cfg.data.val_split, **val}
+                history.append(val_row)
+                _append_jsonl(out / "metrics.jsonl", val_row)
+                if writer is not None:
+                    for k in ("top1", "top20", "mAP"):
+                        writer.add_scalar(f"val/{k}", val[k], global_step)
+                _log(f"epoch {epoch + 1}: val top1 {val['top1']:.3f} top20 {val['top20']:.3f} mAP {val['mAP']:.3f}")
+                if val["top20"] > best_top20:
+                    best_top20 = val["top20"]
+                    atomic_save(model_payload(model, meta), best_path)
+        if info.is_main:
+            atomic_save(checkpoint_state(epoch + 1), last_path)
+        barrier(info)
+    if writer is not None:
+        writer.close()
+    return TrainResult(out, last_path, best_path if best_path.exists() else None,
+                       cfg.train.epochs - start_epoch, history)
+
+
+def validate(model: torch.nn.Module, catalog: Catalog, cfg: Config, device: torch.device) -> dict[str, Any] | None:
+    """Top-k/mAP on the validation split (None when the split has no queries or gallery)."""
+    from mmfl.evaluate import evaluate
+
+    if not catalog.split(cfg.data.val_split, "consumer") or not catalog.split(cfg.data.val_split, "shop"):
+        return None
+    result = evaluate(model.eval(), catalog, split=cfg.data.val_split, size=cfg.input.size,
+                      batch_size=cfg.eval.batch_size, device=device, num_workers=cfg.data.num_workers)
+    return {k: result[k] for k in ("top1", "top5", "top10", "top20", "top50", "mAP", "num_queries", "num_gallery")}
+
+
+def _num_categories(cfg: Config, data: TrainData) -> int:
+    use = cfg.model.category_head and cfg.loss.category_weight > 0
+    return len(data.catalog.category_names) if use else 0
+
+
+def _build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """No weight decay on norms and biases (1-D tensors); fused AdamW on CUDA."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.train.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, fused=device.type == "cuda")
+
+
+def _seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def _seed_worker(worker_id: int) -> None:
+    """DataLoader workers: numpy/random seeded from the per-epoch torch seed (deterministic)."""
+    seed = torch.initial_seed() % (2**32)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _get_rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": _numpy_state_to_tensors(np.random.get_state()),
+        "python": _python_state_to_tensors(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(_numpy_state_from_tensors(state["numpy"]))
+    random.setstate(_python_state_from_tensors(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# RNG states are stored as tensors/ints so checkpoints load with weights_only=True.
+def _numpy_state_to_tensors(state: tuple) -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = state
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _numpy_state_from_tensors(d: dict[str, Any]) -> tuple:
+    return (d["name"], d["keys"].numpy().astype(np.uint32), d["pos"], d["has_gauss"], d["cached"])
+
+
+def _python_state_to_tensors(state: tuple) -> dict[str, Any]:
+    version, internal, gauss = state
+    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
+
+
+def _python_state_from_tensors(d: dict[str, Any]) -> tuple:
+    return (d["version"], tuple(int(x) for x in d["internal"].tolist()), d["gauss"])
+
+
+def _tensorboard(cfg: Config, out: Path) -> Any:
+    if not cfg.train.tensorboard:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(out / "tb"))
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
