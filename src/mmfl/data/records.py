@@ -71,12 +71,16 @@ class Catalog:
             by_split.setdefault(r.split, []).append(r)
         for split, recs in by_split.items():
             domains = Counter(r.domain for r in recs)
-            lines.append(
+            no_shop = {r.item_id for r in recs if r.domain == "consumer"} - {r.item_id for r in recs if r.domain == "shop"}
+            line = (
                 f"{split}: {len(self.items(recs))} items, {domains.get('consumer', 0)} consumer + "
                 f"{domains.get('shop', 0)} shop images"
             )
+            if no_shop:
+                line += f", {len(no_shop)} items without a shop image (queries without a match)"
+            lines.append(line)
         if self.skipped:
-            lines.append(f"skipped: {len(self.skipped)} bad records (--skip-bad)")
+            lines.append(f"skipped: {len(self.skipped)} records (reasons listed by the reader)")
         return "\n".join(lines)
 
 

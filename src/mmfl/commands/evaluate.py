@@ -1,0 +1,135 @@
+"""``mmfl eval``: score a checkpoint with the consumer-to-shop protocol; table, JSON and plots."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import get_args, get_type_hints
+
+from mmfl.config import DataConfig
+from mmfl.metrics import KS
+
+FORMATS = list(get_args(get_type_hints(DataConfig)["format"]))
+#: Skip reasons printed before "... and N more" (all of them go to the JSON).
+SHOWN_SKIPS = 5
+#: Above this many categories the CMC plot shows the overall curve only (a legible legend).
+MAX_CMC_CURVES = 12
+
+
+def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
+    p = subparsers.add_parser(
+        name, help=help_text,
+        description="Evaluate a checkpoint: queries = consumer images of --split, gallery = shop images of "
+                    "--gallery-splits; top-k is the hit rate (any image of the item in the first k), mAP is over "
+                    "the full ranking.",
+    )
+    p.add_argument("checkpoint", help="checkpoint file (.pt) written by mmfl train")
+    p.add_argument("--data", required=True, help="dataset root folder (or CSV file for --format csv)")
+    p.add_argument("--format", choices=FORMATS, help="dataset format (default: the one the checkpoint was trained on)")
+    p.add_argument("--split", default="test", help="query split (default: test)")
+    p.add_argument("--gallery-splits", help="comma-separated gallery splits (default: the query split)")
+    p.add_argument("--flip", action="store_true", help="flip test-time augmentation")
+    p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (memory ~ (queries+gallery)^2)")
+    p.add_argument("--within-category", action="store_true",
+                   help="search each query's own category only (the Street2Shop protocol)")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping")
+    p.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
+    p.add_argument("--plots", metavar="DIR", help="write cmc.png and ranked.png to DIR")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--workers", type=int, default=2, help="image decoding workers (default: 2)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mmfl.checkpoint import load_model
+    from mmfl.commands.common import resolve_device
+    from mmfl.data.formats import read_dataset
+    from mmfl.evaluate import run_evaluation
+
+    device = resolve_device(args.device)
+    model = load_model(args.checkpoint, device)
+    fmt = args.format or model.meta["config"]["data"]["format"]
+    catalog = read_dataset(args.data, fmt, skip_bad=args.skip_bad)
+    gallery_splits = [s for s in (args.gallery_splits or "").split(",") if s] or None
+    ev = run_evaluation(
+        model, catalog, split=args.split, gallery_splits=gallery_splits,
+        size=int(model.meta["config"]["input"]["size"]), batch_size=args.batch_size, device=device,
+        flip=args.flip, rerank=args.rerank, num_workers=args.workers, progress=not args.no_progress,
+        within_category=args.within_category,
+    )
+    result = {
+        **ev.metrics,
+        "checkpoint": str(args.checkpoint),
+        "checkpoint_sha256": model.meta["checkpoint_sha256"],
+        "data": str(args.data),
+        "format": fmt,
+        "num_skipped": len(catalog.skipped),
+        "skipped": list(catalog.skipped),
+    }
+    print(format_report(result))
+    if catalog.skipped:
+        print(format_skips(catalog.skipped), file=sys.stderr)
+    if args.json:
+        _write_json(result, Path(args.json))
+        print(f"results: {args.json}")
+    if args.plots:
+        for path in write_plots(ev, Path(args.plots)):
+            print(f"plot: {path}")
+    return 0
+
+
+def format_report(result: dict) -> str:
+    """A header naming the protocol, then one table row for all queries and one per category."""
+    extras = [name.replace("_", " ") for name in ("flip", "rerank", "within_category") if result.get(name)]
+    lines = [
+        f"queries: consumer images of '{result['split']}'; gallery: shop images of "
+        f"'{','.join(result['gallery_splits'])}'" + (f"; with {' + '.join(extras)}" if extras else ""),
+        f"{result['num_queries']} queries with a match, {result['num_queries_without_match']} without "
+        f"(not scored), {result['num_gallery']} gallery images",
+        "",
+        f"{'':<16}" + "".join(f"{'top' + str(k):>8}" for k in KS) + f"{'mAP':>8}{'queries':>9}",
+        _row("all", result),
+    ]
+    for name, cat in result.get("per_category", {}).items():
+        lines.append(_row(name, cat))
+    lines.append("(top-k = % of queries with an image of their item in the first k; mAP in %)")
+    return "\n".join(lines)
+
+
+def _row(name: str, m: dict) -> str:
+    def pct(value: float | None) -> str:
+        return f"{100 * value:8.2f}" if value is not None else f"{'-':>8}"
+
+    return f"{name[:16]:<16}" + "".join(pct(m[f"top{k}"]) for k in KS) + pct(m["mAP"]) + f"{m['num_queries']:>9}"
+
+
+def format_skips(skipped: list[str]) -> str:
+    shown = "\n".join(f"  {reason}" for reason in skipped[:SHOWN_SKIPS])
+    more = f"\n  ... and {len(skipped) - SHOWN_SKIPS} more (all listed in the JSON)" if len(skipped) > SHOWN_SKIPS else ""
+    return f"skipped {len(skipped)} records:\n{shown}{more}"
+
+
+def write_plots(ev, folder: Path) -> list[Path]:
+    """cmc.png (all queries, and each category when few) and ranked.png (sample queries with their top 10)."""
+    from mmfl.plots import plot_cmc, plot_ranked_grid
+
+    curves = ev.cmc_curves(max_rank=max(KS))
+    if len(curves) > MAX_CMC_CURVES + 1:
+        curves = {"all": curves["all"]}
+    cmc_path = plot_cmc(curves, folder / "cmc.png")
+    rows = ev.sample_queries(8)
+    ranked, hits = ev.top_ranked(rows, top=10)
+    grid_path = plot_ranked_grid([ev.queries[r] for r in rows], ev.gallery, ranked, hits, folder / "ranked.png")
+    return [cmc_path, grid_path]
+
+
+def _write_json(result: dict, path: Path) -> None:
+    """Write via a temp file and rename, so an interrupted run never leaves half a JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

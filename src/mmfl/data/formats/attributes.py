@@ -1,0 +1,74 @@
+"""DeepFashion item attributes: ``Anno/list_attr_cloth.txt`` + ``Anno/list_attr_items.txt``.
+
+Each value's text is mapped to an integer through an explicit table of the allowed values
+{1, -1, 0}. (Comparing the text "1" to the number 1 is the classic way to end up with all-unknown
+labels without any error.) A row with the wrong number of values is an error at its line, as is
+any value outside the convention.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mmfl.data.formats.annotations import Problems, Row, is_int, read_table
+from mmfl.errors import DataError
+
+NAMES_FILE = "list_attr_cloth.txt"
+ITEMS_FILE = "list_attr_items.txt"
+#: the text of each allowed value -> the value (a lookup, not a comparison of text with numbers)
+_VALUES = {"1": 1, "-1": -1, "0": 0, "+1": 1, "-0": 0, "+0": 0}
+
+
+def read_attributes(anno_dir: Path, problems: Problems) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Attribute names and item -> int8 vector; both empty when the dataset ships no attributes.
+
+    The two files come as a pair: one without the other is a DataError naming the missing one.
+    """
+    names_path, items_path = anno_dir / NAMES_FILE, anno_dir / ITEMS_FILE
+    if not names_path.exists() and not items_path.exists():
+        return [], {}
+    for path, other in ((names_path, items_path), (items_path, names_path)):
+        if not path.exists():
+            raise DataError(f"{path}: file not found (needed to read {other.name})")
+    names = [attribute_name(row) for row in read_table(names_path, problems, errors="replace")]
+    values: dict[str, np.ndarray] = {}
+    for row in read_table(items_path, problems):
+        parsed = _parse_values(row, len(names), problems)
+        if parsed is None:
+            continue
+        item, vector = parsed
+        previous = values.get(item)
+        if previous is not None and not np.array_equal(previous, vector):
+            problems.bad(row.where, f"item {item} is listed again with different attribute values")
+            continue
+        values[item] = vector
+    return names, values
+
+
+def attribute_name(row: Row) -> str:
+    """The English name from a ``list_attr_cloth.txt`` row.
+
+    Consumer-to-shop rows read ``<Chinese name> <English name> <type>``, In-shop rows just
+    ``<name>``, Category-style rows ``<name> <type>``: a trailing integer is the type and a
+    leading non-ASCII word is the Chinese name; what remains is the name.
+    """
+    words = row.text.split()
+    if len(words) > 1 and is_int(words[-1]):
+        words = words[:-1]
+    if len(words) > 1 and not words[0].isascii():
+        words = words[1:]
+    return " ".join(words)
+
+
+def _parse_values(row: Row, expected: int, problems: Problems) -> tuple[str, np.ndarray] | None:
+    fields = row.text.split()
+    if len(fields) != expected + 1:
+        problems.bad(row.where, f"expected an item id and {expected} attribute values, found {len(fields) - 1} values")
+        return None
+    bad = next((v for v in fields[1:] if v not in _VALUES), None)
+    if bad is not None:
+        reason = "is not one of 1, -1, 0" if is_int(bad) else "is not an integer (expected 1, -1 or 0)"
+        problems.bad(row.where, f"attribute value {bad!r} {reason}")
+        return None
+    return fields[0], np.array([_VALUES[v] for v in fields[1:]], dtype=np.int8)

@@ -1,0 +1,104 @@
+"""Batched feature extraction: records in, L2-normalised embeddings (and head predictions) out.
+
+Memory stays bounded by the batch: images are decoded by a DataLoader, embedded under
+``torch.inference_mode`` (bf16 autocast on CUDA) and moved to the CPU batch by batch.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from mmfl.data.dataset import RecordDataset
+from mmfl.data.records import Record
+from mmfl.data.transforms import eval_transform
+
+
+@dataclass
+class Features:
+    """Per-record outputs in record order, all float32 on the CPU.
+
+    ``embeddings`` are L2-normalised (cosine similarity = inner product); ``attribute_probs``
+    (sigmoid) and ``category_probs`` (softmax) are filled only when predictions were asked for
+    and the model has those heads.
+    """
+
+    embeddings: torch.Tensor
+    attribute_probs: torch.Tensor | None = None
+    category_probs: torch.Tensor | None = None
+
+
+def extract_features(
+    model: torch.nn.Module,
+    records: Sequence[Record],
+    size: int,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    flip: bool = False,
+    num_workers: int = 0,
+    progress: bool = True,
+    predictions: bool = False,
+    desc: str = "embedding",
+) -> Features:
+    """Embed ``records`` (cropped to their boxes, resized to ``size``) with ``model`` on ``device``.
+
+    The model must already live on ``device`` (``load_model(path, device)`` puts it there).
+
+    ``flip`` adds horizontal-flip test-time augmentation: the embeddings of the image and its
+    mirror are summed and re-normalised (probabilities are averaged). The model is put in eval
+    mode for the pass and returned to its previous mode afterwards, so training can call this.
+    ``desc`` labels the progress bar (written to stderr unless ``progress`` is False).
+    """
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    loader = DataLoader(
+        RecordDataset(records, eval_transform(size)),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    was_training = model.training
+    model.eval()
+    embeddings, attributes, categories = [], [], []
+    try:
+        with torch.inference_mode():
+            for images, _, _ in tqdm(loader, desc=desc, unit="batch", file=sys.stderr, disable=not progress):
+                images = images.to(device, non_blocking=True)
+                emb, attr, cat = _forward(model, images, predictions)
+                if flip:
+                    emb_f, attr_f, cat_f = _forward(model, images.flip(-1), predictions)
+                    emb = emb + emb_f
+                    attr = None if attr is None else (attr + attr_f) / 2
+                    cat = None if cat is None else (cat + cat_f) / 2
+                embeddings.append(F.normalize(emb, dim=1).cpu())
+                if attr is not None:
+                    attributes.append(attr.cpu())
+                if cat is not None:
+                    categories.append(cat.cpu())
+    finally:
+        model.train(was_training)
+    dim = getattr(model, "embed_dim", 0)
+    return Features(
+        embeddings=torch.cat(embeddings) if embeddings else torch.zeros(0, dim),
+        attribute_probs=torch.cat(attributes) if attributes else None,
+        category_probs=torch.cat(categories) if categories else None,
+    )
+
+
+def _forward(
+    model: torch.nn.Module, images: torch.Tensor, predictions: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(L2-normalised float32 embedding, attribute probs | None, category probs | None) of one batch."""
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
+        if not predictions:
+            return F.normalize(model(images).float(), dim=1), None, None
+        pred = model.predict(images)
+    attr = None if pred.attribute_logits is None else torch.sigmoid(pred.attribute_logits.float())
+    cat = None if pred.category_logits is None else torch.softmax(pred.category_logits.float(), dim=1)
+    return F.normalize(pred.embedding.float(), dim=1), attr, cat

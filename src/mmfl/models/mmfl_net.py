@@ -1,0 +1,316 @@
+"""MMFL-Net: backbone pyramid -> semantic-spatial fusion neck -> data-described branches -> heads.
+
+Our reading of Bao et al. 2022 (DESIGN.md section 2). Every idea of the paper is a switch:
+``fusion`` (none / topdown / bidirectional) and the list of :class:`~mmfl.config.BranchSpec`
+(global, part-informed stripes, local grid) describe the architecture, so ablations and the
+``global``/``mgn`` baselines are configs of this one class rather than other models.
+
+Forward contract (others code against it):
+* train mode: :class:`TrainOutput` with one pre-BN feature, post-BN feature and ID-logit tensor per
+  embedding, plus attribute/category logits;
+* eval mode: the retrieval embedding, concatenated post-BN features L2-normalised, float32;
+* :meth:`MMFLNet.predict`: the embedding plus attribute/category logits.
+Inputs are float images in [0, 1] of any size >= 32; ImageNet normalisation happens inside.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmfl.config import BranchSpec, Config, parse_partition
+from mmfl.errors import MMFLError
+from mmfl.models.backbones import Backbone
+from mmfl.models.pretrained import load_pretrained
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class TrainOutput:
+    """What the losses consume; lists are aligned, one entry per (branch, part) embedding."""
+
+    features: list[torch.Tensor]  # pre-BN embeddings (N, dim_i): metric losses
+    logits: list[torch.Tensor]  # ID logits (N, num_items) from the post-BN embeddings
+    global_feature: torch.Tensor  # pre-BN feature of the first branch: center loss
+    attribute_logits: torch.Tensor | None  # (N, A) multi-label logits
+    category_logits: torch.Tensor | None  # (N, C)
+    names: list[str]  # "global", "part2.whole", "part2.0", ...
+    bn_features: list[torch.Tensor] = field(default_factory=list)  # post-BN embeddings (N, dim_i)
+
+
+@dataclass
+class Prediction:
+    embedding: torch.Tensor  # (N, D) L2-normalised, float32
+    attribute_logits: torch.Tensor | None
+    category_logits: torch.Tensor | None
+
+
+def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, relu: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+def _fit(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``x`` pooled to ``ref``'s spatial size when they differ (non-adjacent fused levels)."""
+    if x.shape[-2:] == ref.shape[-2:]:
+        return x
+    return F.adaptive_avg_pool2d(x, ref.shape[-2:])
+
+
+class FusionNeck(nn.Module):
+    """Top-down (FPN) and optionally bottom-up (PANet) aggregation over the pyramid ``levels``.
+
+    Top-down: lateral 1x1 conv per level, coarser map upsampled (nearest, to the finer map's exact
+    size) and added, 3x3 smoothing. Bottom-up: the finer fused map goes through a stride-2 3x3 conv
+    (stride 1 where two levels share a stride, as with ``last_stride=1``) and is added to the next
+    level. Modules that cannot reach any of ``out_levels`` are not built, so every parameter
+    receives gradients (DDP without ``find_unused_parameters``).
+    """
+
+    def __init__(
+        self,
+        channels: dict[int, int],
+        strides: dict[int, int],
+        levels: Sequence[int],
+        out_levels: Sequence[int],
+        width: int,
+        bottom_up: bool,
+    ) -> None:
+        super().__init__()
+        levels = sorted(set(levels))
+        outs = sorted(set(out_levels))
+        if not outs or any(lv not in levels for lv in outs):
+            raise ValueError(f"output levels {outs} must be among the fused levels {levels}")
+        self.bottom_up = bottom_up
+        # bottom-up: every fused level feeds the top output through the chain; top-down only: the
+        # levels finer than the finest output feed nothing.
+        self.levels = levels if bottom_up else [lv for lv in levels if lv >= outs[0]]
+        self.smoothed = [lv for lv in self.levels if lv <= outs[-1]] if bottom_up else outs
+        self.out_levels = outs
+        self.lateral = nn.ModuleDict({str(lv): _conv_bn(channels[lv], width, 1, relu=False) for lv in self.levels})
+        self.smooth = nn.ModuleDict({str(lv): _conv_bn(width, width, 3) for lv in self.smoothed})
+        self.down = nn.ModuleDict()
+        if bottom_up:
+            for finer, coarser in zip(self.smoothed[:-1], self.smoothed[1:]):
+                stride = 2 if strides[coarser] > strides[finer] else 1
+                self.down[str(coarser)] = _conv_bn(width, width, 3, stride=stride)
+
+    def forward(self, pyramid: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        inner: dict[int, torch.Tensor] = {}
+        coarser: torch.Tensor | None = None
+        for lv in reversed(self.levels):
+            x = self.lateral[str(lv)](pyramid[lv])
+            if coarser is not None:
+                x = x + F.interpolate(coarser, size=x.shape[-2:], mode="nearest")
+            inner[lv] = coarser = x
+        fused = {lv: self.smooth[str(lv)](inner[lv]) for lv in self.smoothed}
+        if self.bottom_up:
+            finer: torch.Tensor | None = None
+            for lv in self.smoothed:
+                if finer is not None:
+                    fused[lv] = fused[lv] + _fit(self.down[str(lv)](finer), fused[lv])
+                finer = fused[lv]
+        return {lv: fused[lv] for lv in self.out_levels}
+
+
+class PartPool(nn.Module):
+    """Pools a map into a ``rows x cols`` grid of vectors; windows follow the map's size.
+
+    The windows are those of adaptive pooling (row ``i`` spans ``floor(i*H/rows)`` to
+    ``ceil((i+1)*H/rows)``), so any input size works, even one with fewer rows than stripes;
+    they are written as slices because ONNX export refuses adaptive pooling whose output does not
+    divide its input. ``gem`` is generalised-mean pooling with a learnable exponent (p=3 start;
+    p=1 is avg, large p tends to max), computed in float32 because x**p in bfloat16 loses the
+    small activations.
+    """
+
+    def __init__(self, kind: str, rows: int, cols: int) -> None:
+        super().__init__()
+        if kind not in ("avg", "max", "gem"):
+            raise ValueError(f"unknown pooling '{kind}' (avg, max, gem)")
+        self.kind, self.rows, self.cols = kind, rows, cols
+        self.p = nn.Parameter(torch.tensor(3.0)) if kind == "gem" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, rows * cols), parts in row-major order."""
+        height, width = x.shape[-2:]
+        if self.p is not None:
+            p = self.p.float().clamp(min=1.0)
+            x = x.float().clamp(min=1e-6).pow(p)
+        parts = []
+        # ceil as (a + b - 1) // b: operands stay non-negative, where ONNX's truncating Div and
+        # Python's floor division agree (the exporter traces this arithmetic on the map's size)
+        for r in range(self.rows):
+            top, bottom = r * height // self.rows, ((r + 1) * height + self.rows - 1) // self.rows
+            for c in range(self.cols):
+                left, right = c * width // self.cols, ((c + 1) * width + self.cols - 1) // self.cols
+                window = x[:, :, top:bottom, left:right]
+                parts.append(window.amax(dim=(2, 3)) if self.kind == "max" else window.mean(dim=(2, 3)))
+        pooled = torch.stack(parts, dim=2)
+        return pooled.pow(1.0 / p) if self.p is not None else pooled
+
+
+class EmbeddingHead(nn.Module):
+    """Reduction (linear + BN + ReLU) to ``dim``, BNNeck, bias-free ID classifier (BoT recipe).
+
+    The BNNeck's shift is frozen at zero so the post-BN feature stays centred for cosine
+    retrieval and the classifier's decision boundaries pass through the origin.
+    """
+
+    def __init__(self, in_dim: int, dim: int, num_items: int) -> None:
+        super().__init__()
+        self.reduce = nn.Sequential(nn.Linear(in_dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True))
+        self.bnneck = nn.BatchNorm1d(dim)
+        self.bnneck.bias.requires_grad_(False)
+        self.classifier = nn.Linear(dim, num_items, bias=False)
+        nn.init.kaiming_normal_(self.reduce[0].weight, mode="fan_out")
+        nn.init.normal_(self.classifier.weight, std=0.001)
+
+    def forward(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, in_dim) -> (pre-BN feature, post-BN feature), each (N, dim)."""
+        feature = self.reduce(pooled)
+        return feature, self.bnneck(feature)
+
+
+class Branch(nn.Module):
+    """One :class:`BranchSpec`: pool its level's map into parts (plus the whole map if asked) and
+    give each part its own embedding head."""
+
+    def __init__(self, spec: BranchSpec, in_channels: int, num_items: int) -> None:
+        super().__init__()
+        rows, cols = parse_partition(spec.partition, f"branch '{spec.name}' partition")
+        self.level = spec.level
+        self.parts = PartPool(spec.pooling, rows, cols)
+        partitioned = rows * cols > 1
+        self.whole = PartPool(spec.pooling, 1, 1) if partitioned and spec.with_whole else None
+        self.names: list[str] = []
+        if self.whole is not None:
+            self.names.append(f"{spec.name}.whole")
+        self.names += [f"{spec.name}.{i}" for i in range(rows * cols)] if partitioned else [spec.name]
+        self.heads = nn.ModuleList(EmbeddingHead(in_channels, spec.dim, num_items) for _ in self.names)
+        self.dims = [spec.dim] * len(self.names)
+
+    def forward(self, fmap: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        pooled = self.parts(fmap)
+        vectors = [pooled[:, :, i] for i in range(pooled.shape[2])]
+        if self.whole is not None:
+            vectors.insert(0, self.whole(fmap)[:, :, 0])
+        return [head(v) for head, v in zip(self.heads, vectors)]
+
+
+class MMFLNet(nn.Module):
+    """The retrieval model; see the module docstring for the forward contract.
+
+    Built from plain arguments (a backbone module, branch specs, sizes from the data); use
+    :func:`build_model` to build it from a :class:`~mmfl.config.Config`. The backbone's stages
+    above the deepest level the neck or a branch reads are dropped (see ``Backbone.truncate``).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        branches: Sequence[BranchSpec],
+        num_items: int,
+        num_attributes: int = 0,
+        num_categories: int = 0,
+        fusion: str = "none",
+        fusion_levels: Sequence[int] = (3, 4, 5),
+        neck_width: int = 256,
+    ) -> None:
+        super().__init__()
+        if fusion not in ("none", "topdown", "bidirectional"):
+            raise ValueError(f"unknown fusion '{fusion}' (none, topdown, bidirectional)")
+        if not branches:
+            raise ValueError("at least one branch is needed")
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        used = sorted({b.level for b in branches})
+        backbone.truncate(max(used) if fusion == "none" else max(fusion_levels))
+        self.backbone = backbone
+        if fusion == "none":
+            self.neck: FusionNeck | None = None
+            channels = backbone.channels
+        else:
+            self.neck = FusionNeck(
+                backbone.channels, backbone.strides, fusion_levels, used, neck_width, bottom_up=fusion == "bidirectional"
+            )
+            channels = {lv: neck_width for lv in used}
+        self.branches = nn.ModuleList(Branch(spec, channels[spec.level], num_items) for spec in branches)
+        self.names = [n for b in self.branches for n in b.names]
+        self.dims = [d for b in self.branches for d in b.dims]
+        self.embed_dim = sum(self.dims)
+        self.global_dim = self.dims[0]
+        self.num_items = num_items
+        self.num_attributes = num_attributes
+        self.num_categories = num_categories
+        self.attribute_head = nn.Linear(self.embed_dim, num_attributes) if num_attributes > 0 else None
+        self.category_head = nn.Linear(self.embed_dim, num_categories) if num_categories > 0 else None
+
+    def _embed(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Pre-BN and post-BN features of every embedding, in ``self.names`` order."""
+        x = (x - self.mean) / self.std  # a new tensor: the caller's images are never modified
+        pyramid = self.backbone(x)
+        maps = self.neck(pyramid) if self.neck is not None else pyramid
+        pre: list[torch.Tensor] = []
+        post: list[torch.Tensor] = []
+        for branch in self.branches:
+            for feature, normed in branch(maps[branch.level]):
+                pre.append(feature)
+                post.append(normed)
+        return pre, post
+
+    def _heads(self, joined: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        attrs = self.attribute_head(joined) if self.attribute_head is not None else None
+        cats = self.category_head(joined) if self.category_head is not None else None
+        return attrs, cats
+
+    def forward(self, x: torch.Tensor) -> TrainOutput | torch.Tensor:
+        pre, post = self._embed(x)
+        if not self.training:
+            return F.normalize(torch.cat(post, dim=1).float(), dim=1)
+        heads = [head for branch in self.branches for head in branch.heads]
+        logits = [head.classifier(f) for head, f in zip(heads, post)]
+        attrs, cats = self._heads(torch.cat(post, dim=1))
+        return TrainOutput(pre, logits, pre[0], attrs, cats, list(self.names), post)
+
+    def predict(self, x: torch.Tensor) -> Prediction:
+        """Embedding plus attribute/category logits in one pass (call in eval mode)."""
+        _, post = self._embed(x)
+        joined = torch.cat(post, dim=1)
+        attrs, cats = self._heads(joined)
+        return Prediction(F.normalize(joined.float(), dim=1), attrs, cats)
+
+
+def build_model(cfg: Config, num_items: int, num_attributes: int, num_categories: int = 0) -> MMFLNet:
+    """Build MMFL-Net from ``cfg.model``; sizes come from the data (heads off when 0 or switched off)."""
+    m = cfg.model
+    if num_items < 1:
+        raise MMFLError(f"num_items must be at least 1 to build the ID classifiers, got {num_items}")
+    backbone = Backbone(m.backbone, last_stride=m.last_stride)
+    source = load_pretrained(backbone, m.pretrained)
+    backbone.freeze(m.freeze_stages)
+    model = MMFLNet(
+        backbone,
+        m.branches,
+        num_items,
+        num_attributes if m.attribute_head else 0,
+        num_categories if m.category_head else 0,
+        fusion=m.fusion,
+        fusion_levels=m.fusion_levels,
+        neck_width=m.neck_width,
+    )
+    log.info("built %s/%s: embed_dim %d, backbone from %s", m.backbone, m.fusion, model.embed_dim, source)
+    return model
