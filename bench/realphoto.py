@@ -1,0 +1,384 @@
+#!/usr/bin/env python
+"""Real-photo benchmark: does each part of MMFL-Net earn its place on real clothing photos?
+
+Builds the ``clothing-small`` retrieval set (every photo one item; its clean photo is the shop
+image, seeded consumer-style views are the queries; see :mod:`mmfl.data.realphoto`), then trains
+and evaluates, from the same ImageNet MobileNetV2 weights and at the same budget:
+
+* ``imagenet-only``: the pretrained backbone's global-average-pooled last stage, L2-normalised,
+  no training at all (what the ImageNet features alone give);
+* ``global``, ``mgn``, ``mmfl``: the three presets;
+* loss ablations of ``mmfl``: ``id-only``, ``+batch-hard``, ``+improved``, ``+center``,
+  ``+attributes`` (the 10 classes as a category target).
+
+Training uses ``train/`` photos, evaluation the ``validation/`` photos: gallery = their clean
+photos, queries = their views. It measures instance retrieval on real photographs under
+synthetic consumer-style changes, not the real consumer-to-shop gap. Variants whose resolved
+config is identical (``mmfl`` and ``+center`` here: the CSV set has no attribute annotations)
+are trained once and reported under both names (``same_as``). Every finished run stores its row
+in its run folder and is reused when the benchmark is started again with the same settings.
+
+    python bench/realphoto.py                    # CPU budget (about an hour on 2 cores)
+    python bench/realphoto.py --device cuda      # full size on a GPU
+    python bench/realphoto.py --smoke            # 20 items, 64 px, 1 epoch, 2 variants
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "src") not in sys.path:
+    sys.path.insert(0, str(REPO / "src"))
+
+from mmfl.config import load_config  # noqa: E402
+from mmfl.data.realphoto import build_realphoto, find_clothing_small  # noqa: E402
+from mmfl.errors import MMFLError  # noqa: E402
+
+#: variant -> (preset, overrides); ``None`` preset = no training (pooled ImageNet features).
+NO_AUX = ["loss.center_weight=0", "loss.attribute_weight=0"]
+VARIANTS: dict[str, tuple[str | None, list[str]]] = {
+    "imagenet-only": (None, []),
+    "global": ("global", []),
+    "mgn": ("mgn", []),
+    "mmfl": ("mmfl", []),
+    "id-only": ("mmfl", ["loss.triplet=none", *NO_AUX]),
+    "+batch-hard": ("mmfl", ["loss.triplet=batch_hard", *NO_AUX]),
+    "+improved": ("mmfl", ["loss.triplet=improved", *NO_AUX]),
+    "+center": ("mmfl", ["loss.triplet=improved", "loss.center_weight=5e-4", "loss.attribute_weight=0"]),
+    "+attributes": ("mmfl", ["loss.triplet=improved", "loss.center_weight=5e-4", "model.category_head=true",
+                             "loss.category_weight=1.0"]),
+}
+METRICS = ("top1", "top5", "top10", "top20", "mAP")
+
+#: Budgets per device, stated in the results. CPU: sized for about an hour on an idle 2-core
+#: machine. Measured there (contended, so rough): training costs ~0.08 CPU-s/image for global
+#: and mgn and ~0.2 for mmfl-based variants at 128 px (its 256-wide fusion neck outweighs the
+#: MobileNetV2 backbone), evaluation ~0.06 CPU-s/image over the 1,364 validation images, and
+#: rendering ~0.11 CPU-s/item (once, then cached). 250 items x 2 epochs is ~1,900 training
+#: images per run; 14 trained runs (7 distinct configs x 2 seeds) then take ~55-65 minutes.
+#: The render size is twice the input (at most the photos' 384 px) so box crops are not upsampled.
+PROFILES: dict[str, dict[str, Any]] = {
+    "cpu": {"items": 250, "val_items": None, "size": 128, "epochs": 2, "freeze_stages": 2, "batch_items": 16,
+            "images_per_item": 4, "warmup_epochs": 1, "num_workers": 1, "seeds": "0,1"},
+    "cuda": {"items": None, "val_items": None, "size": 256, "epochs": 8, "freeze_stages": 0, "batch_items": 16,
+             "images_per_item": 4, "warmup_epochs": 1, "num_workers": 12, "seeds": "0,1"},
+    "smoke": {"items": 20, "val_items": 20, "size": 64, "epochs": 1, "freeze_stages": 2, "batch_items": 8,
+              "images_per_item": 4, "warmup_epochs": 0, "num_workers": 0, "seeds": "0",
+              "variants": "imagenet-only,global"},
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.rsplit("\n\n", 1)[-1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", help="clothing-small folder (or a shared folder holding data/clothing-small); "
+                                 "default $MMFL_SHARED/data/clothing-small, then ../shared beside the repo")
+    p.add_argument("--work", default="/tmp/mmfl-realphoto", help="rendered data and runs go here (outside the repo)")
+    p.add_argument("--items", type=int, help="training items (a seeded subset of the 3,068 train photos)")
+    p.add_argument("--val-items", type=int, help="validation items (default: all 341)")
+    p.add_argument("--size", type=int, help="input size in pixels")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--freeze-stages", type=int, help="backbone stages kept frozen")
+    p.add_argument("--seeds", help="comma-separated training seeds")
+    p.add_argument("--variants", help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    p.add_argument("--views", type=int, default=3, help="consumer views per item")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the rendered views and of the item subset")
+    p.add_argument("--pretrained", default="imagenet", help="backbone weights: imagenet | none | file")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--smoke", action="store_true", help="tiny run: 20 items, 64 px, 1 epoch, 1 seed, 2 variants")
+    p.add_argument("--json", help="results file (default docs/results/realphoto.json; "
+                                  "--smoke: WORK/realphoto-smoke.json)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> dict[str, Any]:
+    """The resolved budget: the device profile, then explicit flags."""
+    prof = dict(PROFILES["smoke" if args.smoke else args.device])
+    for key in ("items", "val_items", "size", "epochs", "freeze_stages", "seeds", "variants"):
+        if getattr(args, key) is not None:
+            prof[key] = getattr(args, key)
+    variants = [v for v in str(prof.get("variants") or ",".join(VARIANTS)).split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise MMFLError(f"--variants: unknown variant '{unknown[0]}' (choose from {', '.join(VARIANTS)})")
+    try:
+        seeds = [int(s) for s in str(prof["seeds"]).split(",") if s.strip()]
+    except ValueError:
+        raise MMFLError(f"--seeds: '{prof['seeds']}' is not a comma-separated list of integers") from None
+    if not seeds:
+        raise MMFLError("--seeds: give at least one seed")
+    defaults = load_config("global").train
+    return {
+        **prof,
+        "variants": variants,
+        "seeds": seeds,
+        "device": args.device,
+        "render_size": min(384, 2 * prof["size"]),
+        "views": args.views,
+        "data_seed": args.data_seed,
+        "backbone": "mobilenet_v2",
+        "pretrained": args.pretrained,
+        "optimizer": f"{defaults.optimizer} lr {defaults.lr:g}, {defaults.schedule} schedule, "
+                     f"weight decay {defaults.weight_decay:g}",
+        "batch": "P items x K images (batch_items x images_per_item)",
+        "evaluation": "split val: queries = consumer views, gallery = clean photos of the same split",
+    }
+
+
+def base_overrides(s: dict[str, Any], data_root: Path, out: Path, seed: int) -> list[str]:
+    return [
+        "data.format=csv", f"data.root={data_root}", f"data.num_workers={s['num_workers']}",
+        "model.backbone=mobilenet_v2", f"model.pretrained={s['pretrained']}",
+        f"model.freeze_stages={s['freeze_stages']}", f"input.size={s['size']}",
+        f"train.epochs={s['epochs']}", f"train.warmup_epochs={s['warmup_epochs']}",
+        f"train.batch_items={s['batch_items']}", f"train.images_per_item={s['images_per_item']}",
+        "train.eval_every=0", "train.tensorboard=false", f"train.device={s['device']}",
+        f"output_dir={out}", f"seed={seed}",
+    ]
+
+
+def run_trained(variant: str, seed: int, s: dict[str, Any], data_root: Path, work: Path, catalog: Any,
+                progress: bool) -> dict[str, Any]:
+    """Train one variant with one seed and evaluate it on the validation split (reusing a finished run)."""
+    from mmfl.checkpoint import load_model
+    from mmfl.config import config_to_dict
+    from mmfl.evaluate import evaluate
+    from mmfl.train import train
+
+    preset, extra = VARIANTS[variant]
+    out = work / "runs" / f"{variant.lstrip('+')}-s{seed}"
+    cfg = load_config(preset, base_overrides(s, data_root, out, seed) + extra)
+    resolved = config_to_dict(cfg)
+    cached = _cached_row(out, resolved)
+    if cached is not None:
+        _log(f"[{variant} seed {seed}] reusing the finished run in {out}")
+        return cached
+    if out.exists():  # an unfinished earlier run: start clean rather than append to its logs
+        shutil.rmtree(out)
+    _log(f"[{variant} seed {seed}] training -> {out}")
+    t0 = time.perf_counter()
+    result = train(cfg, progress=progress)
+    train_s = time.perf_counter() - t0
+    model = load_model(result.last_checkpoint, device=s["device"])
+    t1 = time.perf_counter()
+    metrics = evaluate(model, catalog, split="val", size=s["size"], device=s["device"],
+                       num_workers=s["num_workers"], progress=progress)
+    epochs = [h for h in result.history if h.get("kind") == "epoch"]
+    row = {
+        "variant": variant, "seed": seed, **_scores(metrics),
+        "train_minutes": round(train_s / 60, 3), "eval_minutes": round((time.perf_counter() - t1) / 60, 3),
+        "epochs": result.epochs_run, "embed_dim": int(model.embed_dim),
+        "train_images_per_s": round(sum(h["images_per_s"] for h in epochs) / max(1, len(epochs)), 1),
+        "final_loss": round(float(epochs[-1]["loss"]), 4) if epochs else None,
+        "overrides": extra,
+    }
+    (out / "result.json").write_text(json.dumps({"config": resolved, "row": row}, indent=1) + "\n")
+    return row
+
+
+def run_imagenet_only(s: dict[str, Any], data_root: Path, catalog: Any, progress: bool) -> dict[str, Any]:
+    """Pooled last-stage ImageNet features: the floor every trained variant must beat."""
+    import torch
+    import torch.nn.functional as F
+
+    from mmfl.evaluate import evaluate
+    from mmfl.models import build_model
+
+    # last_stride=2: the backbone exactly as ImageNet trained it.
+    cfg = load_config("global", [f"model.pretrained={s['pretrained']}", "model.backbone=mobilenet_v2",
+                                 "model.last_stride=2", f"input.size={s['size']}"])
+    net = build_model(cfg, num_items=1, num_attributes=0)
+
+    class PooledBackbone(torch.nn.Module):
+        """Normalise like MMFL-Net, run the backbone, average-pool level 5, L2-normalise."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+            self.embed_dim = net.backbone.channels[5]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            level5 = self.net.backbone((x - self.net.mean) / self.net.std)[5]
+            return F.normalize(level5.mean(dim=(2, 3)), dim=1)
+
+    model = PooledBackbone().to(s["device"]).eval()
+    t0 = time.perf_counter()
+    metrics = evaluate(model, catalog, split="val", size=s["size"], device=s["device"],
+                       num_workers=s["num_workers"], progress=progress)
+    return {"variant": "imagenet-only", "seed": None, **_scores(metrics), "train_minutes": 0.0,
+            "eval_minutes": round((time.perf_counter() - t0) / 60, 3), "epochs": 0, "embed_dim": model.embed_dim,
+            "overrides": []}
+
+
+def _scores(metrics: dict[str, Any]) -> dict[str, Any]:
+    keep = {k: round(float(metrics[k]), 4) for k in (*METRICS, "top50")}
+    keep.update(num_queries=int(metrics["num_queries"]), num_gallery=int(metrics["num_gallery"]))
+    if "per_category" in metrics:
+        keep["per_category_top1"] = {c: round(float(m["top1"]), 4) for c, m in metrics["per_category"].items()}
+    return keep
+
+
+def _cached_row(out: Path, resolved: dict[str, Any]) -> dict[str, Any] | None:
+    path = out / "result.json"
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved["row"] if saved.get("config") == resolved else None
+
+
+def summarize(rows: list[dict[str, Any]], variants: list[str]) -> dict[str, dict[str, Any]]:
+    """Per variant: mean and spread (half the max-min range) over seeds of each metric."""
+    out: dict[str, dict[str, Any]] = {}
+    for v in variants:
+        mine = [r for r in rows if r["variant"] == v]
+        if not mine:
+            continue
+        entry: dict[str, Any] = {"seeds": len(mine)}
+        for k in (*METRICS, "train_minutes"):
+            vals = [float(r[k]) for r in mine]
+            entry[k] = {"mean": round(sum(vals) / len(vals), 4), "spread": round((max(vals) - min(vals)) / 2, 4)}
+        out[v] = entry
+    return out
+
+
+def table(summary: dict[str, dict[str, Any]]) -> str:
+    """A Markdown table: percentages, mean ± spread over seeds."""
+    head = "| variant | seeds | top-1 | top-5 | top-10 | top-20 | mAP | train min |"
+    lines = [head, "|" + "---|" * 8]
+    for v, e in summary.items():
+        cells = [f"{100 * e[k]['mean']:.1f} ± {100 * e[k]['spread']:.1f}" for k in METRICS]
+        tm = e["train_minutes"]
+        lines.append(f"| {v} | {e['seeds']} | " + " | ".join(cells) + f" | {tm['mean']:.1f} |")
+    return "\n".join(lines)
+
+
+def machine(device: str) -> dict[str, Any]:
+    import torch
+
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "device": device}
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    args.argv = argv
+    try:
+        s = settings_from(args)
+    except MMFLError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    src = find_clothing_small(args.src)
+    if src is None:
+        if args.src:
+            print(f"error: {args.src}: no clothing-small photos there (need train/ and validation/)", file=sys.stderr)
+            return 2
+        print("skipped: clothing-small not found (give --src DIR or set MMFL_SHARED)", file=sys.stderr)
+        return 0
+    work = Path(args.work).resolve()
+    if work == REPO or REPO in work.parents:
+        print(f"error: --work {work} is inside the repository; rendered photos must stay outside it", file=sys.stderr)
+        return 2
+    json_path = Path(args.json) if args.json else (work / "realphoto-smoke.json" if args.smoke
+                                                   else REPO / "docs" / "results" / "realphoto.json")
+    try:
+        return _run(args, s, src, work, json_path)
+    except MMFLError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, s: dict[str, Any], src: Path, work: Path, json_path: Path) -> int:
+    import torch
+
+    from mmfl.data.formats import read_dataset
+
+    if s["device"] == "cuda" and not torch.cuda.is_available():
+        raise MMFLError("--device cuda: no CUDA device is available")
+    progress = not args.quiet
+    tag = (f"data-{s['render_size']}px-n{s['items'] or 'all'}-{s['val_items'] or 'all'}"
+           f"-v{s['views']}-s{s['data_seed']}")
+    t0 = time.perf_counter()
+    caps = {"train": s["items"], "validation": s["val_items"]}
+    csv_path = build_realphoto(src, work / tag, views=s["views"], seed=s["data_seed"], size=s["render_size"],
+                               max_items=caps, workers=max(1, min(8, os.cpu_count() or 1)))
+    data_root = csv_path.parent
+    catalog = read_dataset(data_root, "csv")
+    _log(f"data: {data_root} ({time.perf_counter() - t0:.0f} s)\n{catalog.summary()}")
+
+    rows: list[dict[str, Any]] = []
+    done: dict[str, str] = {}  # resolved training config (minus paths) -> first variant trained with it
+    started = time.perf_counter()
+    for variant in s["variants"]:
+        if VARIANTS[variant][0] is None:
+            rows.append(run_imagenet_only(s, data_root, catalog, progress))
+        else:
+            key = json.dumps(_effective(s, variant, data_root, bool(catalog.attribute_names)), sort_keys=True)
+            if key in done:
+                rows += [{**r, "variant": variant, "same_as": done[key], "overrides": VARIANTS[variant][1]}
+                         for r in rows if r["variant"] == done[key]]
+            else:
+                done[key] = variant
+                rows += [run_trained(variant, seed, s, data_root, work, catalog, progress) for seed in s["seeds"]]
+        summary = summarize(rows, s["variants"])
+        _write(json_path, rows, s, summary, args, time.perf_counter() - started)
+    print(table(summary))
+    print(f"wrote {json_path}")
+    return 0
+
+
+def _effective(s: dict[str, Any], variant: str, data_root: Path, has_attributes: bool) -> dict[str, Any]:
+    """The config a variant trains with, minus seed, output folder and inert switches (to spot duplicates)."""
+    from mmfl.config import config_to_dict
+
+    preset, extra = VARIANTS[variant]
+    cfg = config_to_dict(load_config(preset, base_overrides(s, data_root, Path("runs"), 0) + extra))
+    if not cfg["model"]["category_head"] or cfg["loss"]["category_weight"] == 0:
+        cfg["model"]["category_head"], cfg["loss"]["category_weight"] = False, 0.0
+    if not has_attributes:  # no attribute annotations: the attribute head and loss are never built
+        cfg["model"]["attribute_head"], cfg["loss"]["attribute_weight"] = False, 0.0
+    return cfg
+
+
+def _write(path: Path, rows: list[dict[str, Any]], s: dict[str, Any], summary: dict[str, Any],
+           args: argparse.Namespace, seconds: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "rows": rows,
+        "summary": summary,
+        "settings": {**s, "command": " ".join(["python bench/realphoto.py", *args.argv]),
+                     "spread": "half the max-min range over seeds", "total_minutes": round(seconds / 60, 1)},
+        "machine": machine(s["device"]),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "measures": "instance retrieval on real photos (clothing-small validation split) with synthetic "
+                    "consumer-style views as queries and the clean photos as gallery; not the real "
+                    "consumer-to-shop gap",
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

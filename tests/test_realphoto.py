@@ -1,0 +1,165 @@
+"""The real-photo benchmark: seeded consumer-style views with valid boxes, and a smoke run of the bench."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmfl.data.formats import read_dataset
+from mmfl.data.realphoto import CSV_HEADER, build_realphoto, consumer_view, find_clothing_small, item_rng
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench" / "realphoto.py"
+
+
+def _photo_folder(root: Path) -> Path:
+    """A tiny clothing-small lookalike: 2 classes, 3 train + 1 validation photo each, varied sizes."""
+    rng = np.random.default_rng(7)
+    sizes = [(72, 96), (96, 72), (60, 100), (80, 80)]
+    for split, count in (("train", 3), ("validation", 1)):
+        for cls in ("dress", "hat"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(count):
+                w, h = sizes[(i + len(cls)) % len(sizes)]
+                arr = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(folder / f"{cls}-{split}-{i}.jpg", quality=90)
+    return root
+
+
+def _tree_hashes(out: Path) -> dict[str, str]:
+    return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file() and p.name != "build.json"}
+
+
+def _rows(out: Path) -> list[dict[str, str]]:
+    with open(out / "dataset.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_views_are_deterministic_and_boxes_lie_inside(tmp_path: Path) -> None:
+    src = _photo_folder(tmp_path / "src")
+    a = build_realphoto(src, tmp_path / "a", views=3, seed=0, size=64).parent
+    b = build_realphoto(src, tmp_path / "b", views=3, seed=0, size=64, workers=2).parent
+    hashes = _tree_hashes(a)
+    assert hashes == _tree_hashes(b)
+    stamp = (a / "dataset.csv").stat().st_mtime_ns
+    assert build_realphoto(src, a, views=3, seed=0, size=64) == a / "dataset.csv"  # same parameters: reused
+    assert (a / "dataset.csv").stat().st_mtime_ns == stamp
+    assert len(hashes) == 1 + 8 * 4  # the CSV plus shop + 3 views for each of 8 photos
+
+    # A subset renders each kept item exactly as the full build did; another seed renders differently.
+    sub = build_realphoto(src, tmp_path / "sub", views=3, seed=0, size=64, max_items=2).parent
+    sub_hashes = {k: v for k, v in _tree_hashes(sub).items() if k != "dataset.csv"}
+    assert len(sub_hashes) == 2 * 2 * 4  # 2 items per split
+    assert all(hashes[k] == v for k, v in sub_hashes.items())
+    train_only = _rows(build_realphoto(src, tmp_path / "t", views=3, seed=0, size=64, max_items={"train": 1}).parent)
+    assert len({r["item_id"] for r in train_only if r["split"] == "train"}) == 1
+    assert len({r["item_id"] for r in train_only if r["split"] == "val"}) == 2
+    other = _tree_hashes(build_realphoto(src, tmp_path / "c", views=3, seed=1, size=64).parent)
+    views = [k for k in hashes if "_v" in k]
+    assert all(other[k] != hashes[k] for k in views)
+    assert all(other[k] == hashes[k] for k in hashes if k.endswith("_shop.jpg"))
+
+    with open(a / "dataset.csv", newline="") as fh:
+        assert next(csv.reader(fh)) == CSV_HEADER
+    rows = _rows(a)
+    assert {r["split"] for r in rows} == {"train", "val"}
+    assert {r["category"] for r in rows} == {"dress", "hat"}
+    for r in rows:
+        path = a / r["path"]
+        assert not Path(r["path"]).is_absolute() and path.is_file()
+        assert r["item_id"] in path.name
+        w, h = Image.open(path).size
+        x1, y1, x2, y2 = (int(r[k]) for k in ("x1", "y1", "x2", "y2"))
+        assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
+        if r["domain"] == "shop":
+            assert (x1, y1, x2, y2) == (0, 0, w, h) and max(w, h) == 64
+        else:
+            assert (w, h) == (64, 64) and x2 - x1 >= 8 and y2 - y1 >= 8
+
+    catalog = read_dataset(a, "csv")
+    assert len(catalog.split("val", "consumer")) == 6 and len(catalog.split("val", "shop")) == 2
+    assert len(catalog.items(catalog.split("train"))) == 6
+
+
+def test_box_covers_the_garment() -> None:
+    """A pure-red photo: the box holds far more red pixels than the clutter around it."""
+    photo = Image.new("RGB", (90, 120), (255, 0, 0))
+    inside, outside = [], []
+    for k in range(8):
+        view, (x1, y1, x2, y2), quality = consumer_view(photo, item_rng(0, "train", f"red-{k}"), 128)
+        assert 60 <= quality <= 92
+        arr = np.asarray(view, dtype=np.int32)
+        red = (arr[..., 0] > arr[..., 1] + 60) & (arr[..., 0] > arr[..., 2] + 60)
+        mask = np.zeros_like(red)
+        mask[y1:y2, x1:x2] = True
+        inside.append(red[mask].mean())
+        outside.append(red[~mask].mean() if (~mask).any() else 0.0)
+    assert np.mean(inside) > 0.5 and np.mean(inside) > np.mean(outside) + 0.3
+
+
+def test_find_clothing_small(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = _photo_folder(tmp_path / "shared" / "data" / "clothing-small")
+    assert find_clothing_small(src) == src
+    assert find_clothing_small(tmp_path / "shared") == src
+    assert find_clothing_small(tmp_path / "nothing-here") is None
+    monkeypatch.setenv("MMFL_SHARED", str(tmp_path / "shared"))
+    assert find_clothing_small() == src
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_realphoto", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_refuses_a_missing_source_and_a_work_folder_in_the_repo(tmp_path: Path, capsys) -> None:
+    bench = _load_bench()
+    assert bench.main(["--src", str(tmp_path / "missing"), "--smoke"]) == 2
+    assert "no clothing-small photos" in capsys.readouterr().err
+    src = _photo_folder(tmp_path / "src")
+    assert bench.main(["--src", str(src), "--smoke", "--work", str(REPO / "runs-here")]) == 2
+    assert "inside the repository" in capsys.readouterr().err
+    assert bench.main(["--src", str(src), "--smoke", "--variants", "global,nope"]) == 2
+    assert "unknown variant 'nope'" in capsys.readouterr().err
+    assert bench.main(["--src", str(src), "--smoke", "--seeds", "0,x"]) == 2
+    assert "--seeds: '0,x'" in capsys.readouterr().err
+
+
+def test_bench_smoke_on_real_photos(tmp_path: Path) -> None:
+    src = find_clothing_small()
+    if src is None:
+        pytest.skip("clothing-small not found: set MMFL_SHARED or place shared/ beside the repository")
+    out = tmp_path / "smoke.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--smoke", "--src", str(src), "--work", str(tmp_path / "work"),
+         "--json", str(out), "--quiet"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in doc["rows"]}
+    assert set(rows) == {"imagenet-only", "global"}
+    for r in rows.values():
+        assert r["num_gallery"] == 20 and r["num_queries"] == 60
+        tops = [r[k] for k in ("top1", "top5", "top10", "top20")]
+        assert all(0 <= t <= 1 for t in tops) and tops == sorted(tops) and 0 < r["mAP"] <= 1
+    # ImageNet features already find the right photo among 20 far above chance (0.05).
+    assert rows["imagenet-only"]["top1"] > 0.3
+    assert rows["global"]["seed"] == 0 and rows["global"]["epochs"] == 1 and rows["global"]["train_minutes"] > 0
+    assert doc["settings"]["size"] == 64 and doc["settings"]["items"] == 20
+    assert set(doc["summary"]) == {"imagenet-only", "global"}
+    assert "| imagenet-only |" in proc.stdout
+    assert not any((REPO / p).exists() for p in ("images", "dataset.csv"))
