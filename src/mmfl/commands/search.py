@@ -1,0 +1,67 @@
+"""``mmfl search``: the shop items matching one photo, as a table or JSON."""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+#: Attributes per row of the table (most confident first).
+TABLE_ATTRIBUTES = 4
+
+
+def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
+    parser = subparsers.add_parser(name, help=help_text, description=help_text + ".")
+    parser.add_argument("index", help="index folder made by 'mmfl index'")
+    parser.add_argument("image", help="query photo")
+    parser.add_argument("--bbox", help="search inside this box of the photo: x1,y1,x2,y2 in pixels")
+    parser.add_argument("--top-k", type=int, default=20, help="number of items (default 20)")
+    parser.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
+                        help="category=NAME (any of several) or attribute=NAME (all of several); repeatable")
+    parser.add_argument("--checkpoint", help="checkpoint to use instead of the one recorded in the index (same file content)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--json", action="store_true", help="print the JSON answer instead of a table")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mmfl.data.images import open_image
+    from mmfl.index.search import Searcher, parse_bbox
+    from mmfl.index.store import parse_filters
+
+    flt = parse_filters(args.filter)
+    bbox = parse_bbox(args.bbox) if args.bbox else None
+    photo = open_image(args.image)
+    searcher = Searcher(args.index, args.checkpoint, args.device)
+    try:
+        answer = searcher.search(photo, k=args.top_k, bbox=bbox, flt=flt)
+    finally:
+        searcher.close()
+    print(json.dumps(answer, indent=2, ensure_ascii=False) if args.json else format_table(answer))
+    return 0
+
+
+def format_table(answer: dict[str, Any]) -> str:
+    """Rank, score, item, category, attributes and image, one line per item, under a query summary."""
+    q = answer["query"]
+    head = f"query {q['width']}x{q['height']}" + (f" box {','.join(map(str, q['bbox']))}" if q["bbox"] else "")
+    if q["category"]:
+        head += f", looks like {q['category']}"
+    if q["filters"]:
+        head += f", filters {' '.join(q['filters'])}"
+    rows = [("rank", "score", "item", "category", "attributes", "image")]
+    for rank, r in enumerate(answer["results"], 1):
+        rows.append((str(rank), f"{r['score']:.4f}", r["item_id"], r["category"] or "-",
+                     _short(r["attributes"]), r["image"]))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = [head + f" ({len(answer['results'])} items, {q['took_ms']} ms)"]
+    for row in rows:
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+    if not answer["results"]:
+        lines.append("(no matching items)")
+    return "\n".join(lines)
+
+
+def _short(attributes: list[str], shown: int = TABLE_ATTRIBUTES) -> str:
+    """The most confident attributes, and how many more (the JSON has them all)."""
+    text = ",".join(attributes[:shown]) or "-"
+    return text + (f" +{len(attributes) - shown}" if len(attributes) > shown else "")

@@ -1,0 +1,182 @@
+"""Building and extending a gallery index: embed shop images, store vectors + metadata, commit atomically.
+
+The manifest is written last, with an atomic rename, so a build that fails or is killed at
+any point leaves the previous index (manifest and the generation it names) usable. Leftovers
+of such builds are removed after the next successful commit.
+"""
+from __future__ import annotations
+
+import re
+import secrets
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from mmfl.data.records import Record
+from mmfl.errors import DataError, GalleryIndexError
+from mmfl.index import faiss_store, milvus_store
+from mmfl.index.labels import predicted_attributes, predicted_category
+from mmfl.index.store import (
+    BACKENDS, FORMAT, KINDS, MANIFEST, VERSION, Entry, Facets, GalleryStore, fsync_dir, new_generation,
+    open_store, read_manifest, utc_now, write_manifest,
+)
+
+#: Files a build may leave in INDEX: data of some generation or a manifest being written.
+_OWN_FILES = re.compile(r"^(vectors-\w+\.faiss|metadata-\w+\.jsonl|\.manifest\.json\.tmp-\d+|milvus\.db)$")
+
+
+@dataclass
+class BuildReport:
+    """What a build did: images added, images skipped because already indexed, total rows."""
+
+    index_dir: Path
+    added: int
+    already_indexed: int
+    count: int
+    manifest: dict[str, Any]
+
+
+def model_input_size(model: Any) -> int:
+    """The square input size the checkpoint was trained at (queries and gallery are resized to it)."""
+    return int(model.meta["config"]["input"]["size"])
+
+
+def check_compatible(manifest: dict[str, Any], model: Any, index_dir: Path) -> None:
+    """Refuse a model whose checkpoint or embedding size differs from the one the index was built with."""
+    sha = model.meta["checkpoint_sha256"]
+    if manifest["checkpoint_sha256"] != sha:
+        raise GalleryIndexError(
+            f"{index_dir}: built with checkpoint {manifest['checkpoint']} (sha256 {manifest['checkpoint_sha256'][:12]}), "
+            f"but {model.meta['checkpoint']} has sha256 {sha[:12]}; rebuild the index with this checkpoint"
+        )
+    if manifest["embed_dim"] != model.embed_dim:
+        raise GalleryIndexError(
+            f"{index_dir}: vectors have {manifest['embed_dim']} dimensions, the model makes {model.embed_dim}"
+        )
+
+
+def _check_target(index_dir: Path) -> dict[str, Any] | None:
+    """The current manifest (None for a fresh target); refuse to write into a folder that is not ours."""
+    if not index_dir.exists():
+        return None
+    if not index_dir.is_dir():
+        raise GalleryIndexError(f"{index_dir}: exists and is not a folder; choose another --out")
+    if (index_dir / MANIFEST).exists():
+        return read_manifest(index_dir)
+    foreign = [p.name for p in index_dir.iterdir() if not _OWN_FILES.match(p.name)]
+    if foreign:
+        raise GalleryIndexError(f"{index_dir}: exists and is not an mmfl index (holds {foreign[0]}); choose another --out")
+    return None
+
+
+def gallery_entries(records: Sequence[Record], attribute_probs: np.ndarray | None, category_probs: np.ndarray | None,
+                    attribute_names: Sequence[str], category_names: Sequence[str]) -> list[Entry]:
+    """Metadata rows: the dataset's category when it has one (else the predicted one), predicted attributes."""
+    entries = []
+    for i, rec in enumerate(records):
+        attrs = predicted_attributes(None if attribute_probs is None else attribute_probs[i], attribute_names)
+        category = rec.category or predicted_category(None if category_probs is None else category_probs[i], category_names)
+        entries.append(Entry(rec.item_id, str(Path(rec.path).resolve()), category, attrs))
+    return entries
+
+
+def build_index(
+    model: Any,
+    records: Sequence[Record],
+    index_dir: str | Path,
+    backend: str = "faiss",
+    kind: str = "flat",
+    add: bool = False,
+    milvus_uri: str | None = None,
+    batch_size: int = 64,
+    device: str = "cpu",
+    num_workers: int = 0,
+    progress: bool = True,
+) -> BuildReport:
+    """Embed ``records`` with ``model`` (from :func:`mmfl.checkpoint.load_model`) into the index at ``index_dir``.
+
+    Without ``add`` the index is rebuilt from ``records`` alone; with ``add`` they are appended
+    (images already indexed are skipped), which requires the same checkpoint, dimension,
+    backend and kind as the existing index.
+    """
+    from mmfl.extract import extract_features
+
+    index_dir = Path(index_dir)
+    if backend not in BACKENDS:
+        raise GalleryIndexError(f"unknown backend '{backend}' (use {' or '.join(BACKENDS)})")
+    if kind not in KINDS:
+        raise GalleryIndexError(f"unknown index kind '{kind}' (use {', '.join(KINDS)})")
+    previous = _check_target(index_dir)
+    base: GalleryStore | None = None
+    if add:
+        if previous is None:
+            raise GalleryIndexError(f"{index_dir}: no index to add to (build it first without --add)")
+        check_compatible(previous, model, index_dir)
+        if (previous["backend"], previous["kind"]) != (backend, kind):
+            raise GalleryIndexError(
+                f"{index_dir}: is a {previous['backend']}/{previous['kind']} index; --add needs the same "
+                f"--backend {previous['backend']} --kind {previous['kind']}"
+            )
+        base = open_store(index_dir)
+    elif not records:
+        raise DataError("no gallery images to index (is the split empty or are there no shop images?)")
+    try:
+        known = base.indexed_images([str(Path(r.path).resolve()) for r in records]) if base is not None else set()
+        todo = [r for r in records if str(Path(r.path).resolve()) not in known]
+        if base is not None and not todo:
+            return BuildReport(index_dir, 0, len(records), len(base), previous)
+        feats = extract_features(model, todo, model_input_size(model), batch_size=batch_size, device=device,
+                                 num_workers=num_workers, progress=progress, predictions=True)
+        vectors = np.ascontiguousarray(feats.embeddings.numpy(), dtype=np.float32)
+        entries = gallery_entries(
+            todo,
+            None if feats.attribute_probs is None else feats.attribute_probs.numpy(),
+            None if feats.category_probs is None else feats.category_probs.numpy(),
+            model.meta["attribute_names"], model.meta["category_names"],
+        )
+        index_dir.mkdir(parents=True, exist_ok=True)
+        gen = new_generation()
+        index_id = previous["index_id"] if previous else secrets.token_hex(4)
+        if backend == "faiss":
+            written = faiss_store.write_faiss_generation(index_dir, gen, vectors, entries, kind, base)
+        else:
+            written = milvus_store.write_milvus_generation(
+                index_dir, gen, vectors, entries, kind, index_id, milvus_uri, len(model.meta["attribute_names"]), base)
+    finally:
+        if base is not None:
+            base.close()
+    now = utc_now()
+    manifest = {
+        "format": FORMAT, "version": VERSION, "index_id": index_id, "generation": gen,
+        "backend": backend, "kind": kind, "embed_dim": int(vectors.shape[1]),
+        "count": (len(base) if base is not None else 0) + len(entries),
+        "checkpoint": str(Path(model.meta["checkpoint"]).resolve()),
+        "checkpoint_sha256": model.meta["checkpoint_sha256"],
+        "created": previous["created"] if add and previous else now, "updated": now,
+        "facets": Facets.from_json(previous.get("facets") if add and previous else None).add(entries).to_json(),
+        **written,
+    }
+    write_manifest(index_dir, manifest)
+    _remove_leftovers(index_dir, manifest, previous)
+    return BuildReport(index_dir, len(entries), len(records) - len(todo), manifest["count"], manifest)
+
+
+def _remove_leftovers(index_dir: Path, manifest: dict[str, Any], previous: dict[str, Any] | None) -> None:
+    """After a commit: delete older generations (best effort: the new index is already live)."""
+    keep = faiss_store.referenced_files(manifest)
+    try:
+        for path in index_dir.iterdir():
+            if _OWN_FILES.match(path.name) and path.is_file() and path.name not in keep:
+                path.unlink()
+        fsync_dir(index_dir)
+        # A server started on the previous generation keeps working until restarted: keep that one too.
+        keep_collections = {m["milvus"]["collection"] for m in (previous, manifest) if m and m["backend"] == "milvus"}
+        targets = {m["milvus"]["uri"]: m for m in (previous, manifest) if m and m["backend"] == "milvus"}
+        for m in targets.values():
+            milvus_store.drop_stale_collections(index_dir, m, keep=keep_collections)
+    except (OSError, GalleryIndexError) as exc:
+        warnings.warn(f"{index_dir}: could not remove an old generation ({exc})", stacklevel=2)
+

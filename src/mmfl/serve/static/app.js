@@ -1,0 +1,226 @@
+// The search page: pick or drop a photo, optionally drag a box on it, and see the matching
+// shop items. Everything goes through fetch(); the page never reloads. Text from the server
+// is always inserted with textContent, never as HTML.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { file: null, image: null, scale: 1, box: null, drag: null, inflight: null };
+const MAX_PREVIEW = 316; // preview width in CSS pixels (small photos are scaled up to it)
+const MAX_PREVIEW_HEIGHT = 420;
+const MAX_CHIPS = 5; // most confident attributes shown on a card; the rest in a tooltip
+
+async function loadInfo() {
+  try {
+    const health = await (await fetch("/healthz")).json();
+    $("info").textContent = `${health.count} gallery images · ${health.backend}/${health.kind} · ${health.embed_dim}-d`;
+    const facets = await (await fetch("/facets")).json();
+    fillSelect($("category"), Object.keys(facets.categories || {}));
+    fillSelect($("attribute"), Object.keys(facets.attributes || {}));
+  } catch (err) {
+    setStatus(`service unavailable: ${err}`, true);
+  }
+}
+
+function fillSelect(select, names) {
+  for (const name of names) {
+    const option = document.createElement("option");
+    option.value = name;
+    option.textContent = name;
+    select.appendChild(option);
+  }
+}
+
+function setStatus(text, isError = false) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", isError);
+}
+
+function choose(file) {
+  if (!file) return;
+  state.file = file;
+  state.box = null;
+  const url = URL.createObjectURL(file);
+  const img = new Image();
+  img.onload = () => {
+    state.image = img;
+    state.scale = Math.min(MAX_PREVIEW / img.naturalWidth, MAX_PREVIEW_HEIGHT / img.naturalHeight);
+    const canvas = $("preview");
+    canvas.width = Math.round(img.naturalWidth * state.scale);
+    canvas.height = Math.round(img.naturalHeight * state.scale);
+    canvas.style.display = "block";
+    draw();
+    search();
+  };
+  img.onerror = () => {
+    // The browser cannot show it; the server may still decode it (or explain why not).
+    state.image = null;
+    $("preview").style.display = "none";
+    search();
+  };
+  img.src = url;
+}
+
+function draw() {
+  const canvas = $("preview");
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  if (state.image) ctx.drawImage(state.image, 0, 0, canvas.width, canvas.height);
+  const r = state.drag || (state.box && state.box.map((v) => v * state.scale));
+  if (r) {
+    const [x1, y1, x2, y2] = normalise(r);
+    ctx.fillStyle = "rgba(0,0,0,0.35)";
+    ctx.fillRect(0, 0, canvas.width, canvas.height);
+    ctx.drawImage(state.image, x1 / state.scale, y1 / state.scale, (x2 - x1) / state.scale, (y2 - y1) / state.scale,
+                  x1, y1, x2 - x1, y2 - y1);
+    ctx.strokeStyle = "#c2410c";
+    ctx.lineWidth = 2;
+    ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
+  }
+  $("clear-box").disabled = !state.box;
+}
+
+function normalise([ax, ay, bx, by]) {
+  return [Math.min(ax, bx), Math.min(ay, by), Math.max(ax, bx), Math.max(ay, by)];
+}
+
+function pointer(event) {
+  const rect = $("preview").getBoundingClientRect();
+  const sx = $("preview").width / rect.width;
+  const sy = $("preview").height / rect.height;
+  const x = Math.max(0, Math.min($("preview").width, (event.clientX - rect.left) * sx));
+  const y = Math.max(0, Math.min($("preview").height, (event.clientY - rect.top) * sy));
+  return [x, y];
+}
+
+function bindCanvas() {
+  const canvas = $("preview");
+  canvas.addEventListener("pointerdown", (event) => {
+    if (!state.image) return;
+    canvas.setPointerCapture(event.pointerId);
+    const [x, y] = pointer(event);
+    state.drag = [x, y, x, y];
+  });
+  canvas.addEventListener("pointermove", (event) => {
+    if (!state.drag) return;
+    const [x, y] = pointer(event);
+    state.drag = [state.drag[0], state.drag[1], x, y];
+    draw();
+  });
+  canvas.addEventListener("pointerup", () => {
+    if (!state.drag) return;
+    const [x1, y1, x2, y2] = normalise(state.drag);
+    state.drag = null;
+    if (x2 - x1 >= 4 && y2 - y1 >= 4) {
+      state.box = [x1, y1, x2, y2].map((v) => Math.round(v / state.scale));
+      draw();
+      search();
+    } else {
+      draw();
+    }
+  });
+}
+
+async function search() {
+  if (!state.file) return;
+  if (state.inflight) state.inflight.abort();
+  const controller = new AbortController();
+  state.inflight = controller;
+  const form = new FormData();
+  form.append("image", state.file, state.file.name || "photo");
+  form.append("k", $("k").value);
+  if (state.box) form.append("bbox", state.box.join(","));
+  if ($("category").value) form.append("filter", `category=${$("category").value}`);
+  if ($("attribute").value) form.append("filter", `attribute=${$("attribute").value}`);
+  setStatus("searching…");
+  try {
+    const response = await fetch("/search", { method: "POST", body: form, signal: controller.signal });
+    const answer = await response.json();
+    if (!response.ok) {
+      setStatus(answer.error || `error ${response.status}`, true);
+      render([]);
+      return;
+    }
+    render(answer.results);
+    describeQuery(answer.query);
+    setStatus(`${answer.results.length} items in ${answer.query.took_ms} ms`);
+  } catch (err) {
+    if (err.name !== "AbortError") setStatus(`search failed: ${err}`, true);
+  } finally {
+    if (state.inflight === controller) state.inflight = null;
+  }
+}
+
+function describeQuery(query) {
+  const parts = [];
+  if (query.category) parts.push(`looks like: ${query.category}`);
+  if (query.attributes && query.attributes.length) parts.push(`attributes: ${query.attributes.slice(0, MAX_CHIPS).join(", ")}`);
+  if (query.bbox) parts.push(`box: ${query.bbox.join(",")}`);
+  $("query").textContent = parts.join(" · ");
+}
+
+function render(results) {
+  const grid = $("results");
+  grid.replaceChildren();
+  if (!results.length) {
+    const p = document.createElement("p");
+    p.className = "empty";
+    p.textContent = "No matching items.";
+    grid.appendChild(p);
+    return;
+  }
+  for (const r of results) {
+    const card = document.createElement("article");
+    card.className = "card";
+    card.dataset.itemId = r.item_id;
+    const img = document.createElement("img");
+    img.src = r.image_url;
+    img.alt = `item ${r.item_id}`;
+    img.loading = "lazy";
+    const body = document.createElement("div");
+    body.className = "body";
+    body.append(line("item", r.item_id), line("score", r.score.toFixed(3)));
+    if (r.category) body.append(line("category", r.category));
+    for (const name of r.attributes.slice(0, MAX_CHIPS)) {
+      const chip = document.createElement("span");
+      chip.className = "chip";
+      chip.textContent = name;
+      chip.title = "filter by this attribute";
+      chip.addEventListener("click", () => { $("attribute").value = name; search(); });
+      body.appendChild(chip);
+    }
+    if (r.attributes.length > MAX_CHIPS) {
+      const more = document.createElement("span");
+      more.className = "more";
+      more.textContent = `+${r.attributes.length - MAX_CHIPS}`;
+      more.title = r.attributes.slice(MAX_CHIPS).join(", ");
+      body.appendChild(more);
+    }
+    card.append(img, body);
+    grid.appendChild(card);
+  }
+}
+
+function line(cls, text) {
+  const div = document.createElement("div");
+  div.className = cls;
+  div.textContent = text;
+  return div;
+}
+
+function bindInputs() {
+  $("file").addEventListener("change", (event) => choose(event.target.files[0]));
+  const drop = $("drop");
+  drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    drop.classList.remove("over");
+    choose(event.dataTransfer.files[0]);
+  });
+  $("clear-box").addEventListener("click", () => { state.box = null; draw(); search(); });
+  for (const id of ["k", "category", "attribute"]) $(id).addEventListener("change", search);
+}
+
+bindInputs();
+bindCanvas();
+loadInfo();
