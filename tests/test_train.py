@@ -37,19 +37,32 @@ def _overrides(root: Path, out: Path, *extra: str) -> list[str]:
     return [f"data.root={root}", f"output_dir={out}", *SMALL, *extra]
 
 
-def test_training_beats_untrained(synth_root: Path, tmp_path: Path) -> None:
-    base = load_config("global", _overrides(synth_root, tmp_path / "base", "train.epochs=0"))
-    trained = load_config("global", _overrides(synth_root, tmp_path / "trained", "train.epochs=6", "train.lr=1e-3",
-                                               "train.eval_every=0"))
-    catalog = read_dataset(synth_root, "deepfashion-c2s")
+@pytest.fixture(scope="module")
+def synth96(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("synth96")
+    generate(root, items=60, seed=3, size=96)
+    return root
+
+
+def test_training_beats_untrained(synth96: Path, tmp_path: Path) -> None:
+    """Five short epochs of fine-tuning (ImageNet MobileNetV2, last stage only) beat the untrained
+    checkpoint on held-out val items, searched against every shop image (90) so top-k is not saturated."""
+    common = [f"data.root={synth96}", "model.backbone=mobilenet_v2", "model.pretrained=imagenet", "input.size=96",
+              "model.freeze_stages=3", "train.batch_items=8", "train.images_per_item=4", "data.num_workers=0",
+              "train.tensorboard=false", "train.eval_every=0", "train.lr=1e-3", "train.warmup_epochs=0"]
+    catalog = read_dataset(synth96, "deepfashion-c2s")
     scores = {}
-    for name, cfg in (("untrained", base), ("trained", trained)):
+    for name, epochs in (("untrained", 0), ("trained", 5)):
+        cfg = load_config("global", [*common, f"output_dir={tmp_path / name}", f"train.epochs={epochs}"])
         result = train(cfg, progress=False)
-        model = load_model(result.last_checkpoint)
-        scores[name] = evaluate(model, catalog, split="test", size=64, progress=False)
-    assert scores["untrained"]["num_queries"] > 0
-    # Stated margin: six tiny epochs lift test top-20 by at least 10 points over random weights.
-    assert scores["trained"]["top20"] >= scores["untrained"]["top20"] + 0.10, scores
+        scores[name] = evaluate(load_model(result.last_checkpoint), catalog, split="val",
+                                gallery_splits=["train", "val", "test"], progress=False)
+    before, after = scores["untrained"], scores["trained"]
+    assert before["num_gallery"] >= 80 and before["num_queries"] >= 20
+    # Stated margins (measured here: top-10 0.59 -> 0.96, top-20 0.89 -> 1.00, mAP 0.33 -> 0.47).
+    assert after["top10"] >= before["top10"] + 0.20, scores
+    assert after["top20"] >= before["top20"] + 0.05, scores
+    assert after["mAP"] >= before["mAP"] + 0.08, scores
     history = [json.loads(line) for line in (tmp_path / "trained" / "metrics.jsonl").read_text().splitlines()]
     losses = [row["loss"] for row in history if row["kind"] == "epoch"]
     assert losses[-1] < losses[0]

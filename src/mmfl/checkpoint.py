@@ -8,13 +8,14 @@ training checkpoints, ``train_state`` (optimizers, scheduler, scaler, sampler, R
 from __future__ import annotations
 
 import hashlib
-import os
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mmfl.atomic import atomic_write
 from mmfl.errors import CheckpointError
 
 FORMAT = "mmfl-checkpoint"
@@ -22,36 +23,8 @@ VERSION = 1
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``.
-
-    A crash at any point leaves either the old file or the new one, never a torn file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """``torch.save`` crash-safely: a crash leaves either the old file or the new one, never a torn file."""
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def file_sha256(path: str | Path) -> str:
@@ -68,6 +41,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    _verify_archive(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
@@ -81,6 +55,24 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if ckpt.get("version") != VERSION:
         raise CheckpointError(f"{path}: checkpoint version {ckpt.get('version')} is not supported (expected {VERSION})")
     return ckpt
+
+
+def _verify_archive(path: Path) -> None:
+    """Check the CRC-32 that ``torch.save`` stores for every record of its zip archive.
+
+    ``torch.load`` does not check them, so a flipped bit in the weights would otherwise load
+    silently as a different model. Files that are not zip archives are left to ``torch.load``.
+    """
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, zlib.error) as exc:
+        reason = str(exc).split("\n")[0][:160] or type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint (corrupt archive: {reason})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: checkpoint is corrupt (CRC mismatch in {bad}; damaged after it was written)")
 
 
 def model_payload(model: torch.nn.Module, meta: dict[str, Any]) -> dict[str, Any]:

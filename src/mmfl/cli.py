@@ -65,11 +65,22 @@ def main(argv: list[str] | None = None) -> int:
     except MMFLError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def one_line(exc: MMFLError) -> str:
+    """The error's own message. A DataLoader re-raises a worker's error with the worker's
+    traceback appended ("Caught DataError in DataLoader worker ..."); its last line holds the
+    original ``module.Class: message``."""
+    text = str(exc)
+    if text.startswith("Caught ") and "\n" in text:
+        last = text.rstrip().rsplit("\n", 1)[-1]
+        text = last.partition(": ")[2] or last
+    return text
 
 
 if __name__ == "__main__":

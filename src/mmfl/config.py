@@ -14,6 +14,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from mmfl.atomic import atomic_write_text
 from mmfl.errors import MMFLError
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -141,9 +142,13 @@ def preset_names() -> list[str]:
 def load_config(preset_or_path: str | Path | None = "mmfl", overrides: list[str] | None = None) -> Config:
     """Build a validated :class:`Config` from a preset name or YAML path plus ``key=value`` overrides."""
     raw: dict[str, Any] = {}
-    if preset_or_path:
-        raw = _read_yaml(_resolve(str(preset_or_path)))
-    cfg = _build(Config, raw, "")
+    source = _resolve(str(preset_or_path)) if preset_or_path else None
+    if source is not None:
+        raw = _read_yaml(source)
+    try:
+        cfg = _build(Config, raw, "")
+    except ConfigError as exc:  # name the file the bad key is in
+        raise ConfigError(f"{source}: {exc}") from None
     for item in overrides or []:
         apply_override(cfg, item)
     validate(cfg)
@@ -163,11 +168,7 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 def dump_config(cfg: Config, path: str | Path) -> None:
     """Write the fully resolved config (``config.yaml`` beside every run's outputs)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def apply_override(cfg: Config, item: str) -> None:

@@ -10,6 +10,8 @@ import html
 from pathlib import Path
 from typing import Any
 
+from mmfl.atomic import atomic_write_text
+
 METRIC_KEYS = ("top1", "top5", "top10", "top20", "top50", "mAP")
 
 
@@ -52,8 +54,4 @@ figure {{ margin: 1.5rem 0; }} img {{ max-width: 100%; }}
 {''.join(figures)}
 </body></html>
 """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, page)

@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     p.add_argument("--items", type=int, default=150, help="generated items (default: 150)")
     p.add_argument("--size", type=int, default=112, help="image size in pixels (default: 112)")
-    p.add_argument("--epochs", type=int, default=8, help="training epochs (default: 8)")
+    p.add_argument("--epochs", type=int, default=6, help="training epochs (default: 6)")
     p.add_argument("--preset", default="mmfl", help="model preset (default: mmfl)")
     p.add_argument("--backbone", default="mobilenet_v2", help="backbone (default: mobilenet_v2)")
     p.add_argument("--pretrained", default="imagenet", help="imagenet | none | PATH (default: imagenet)")
@@ -60,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         f"data.root={data}", f"model.backbone={args.backbone}", f"model.pretrained={args.pretrained}",
         f"input.size={args.size}", f"data.num_workers={args.workers}", f"seed={args.seed}",
         "train.batch_items=8", "train.images_per_item=4", "train.warmup_epochs=1", "train.lr=5e-4",
+        # CPU budget: the first two backbone stages stay at their ImageNet weights, a narrower neck.
+        "model.freeze_stages=2", "model.neck_width=128",
     ]
     stage("train")
     baseline_cfg = load_config(args.preset, [*common, f"output_dir={out / 'baseline'}", "train.epochs=0"])

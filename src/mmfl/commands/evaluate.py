@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import get_args, get_type_hints
 
 from mmfl.config import DataConfig
-from mmfl.metrics import KS
 
 FORMATS = list(get_args(get_type_hints(DataConfig)["format"]))
 #: Skip reasons printed before "... and N more" (all of them go to the JSON).
@@ -53,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model = load_model(args.checkpoint, device)
     fmt = args.format or model.meta["config"]["data"]["format"]
-    catalog = read_dataset(args.data, fmt, skip_bad=args.skip_bad)
+    # --skip-bad must catch images that break only when decoded (a truncated JPEG), not die on them
+    # half-way through embedding: decode each one up front then.
+    catalog = read_dataset(args.data, fmt, skip_bad=args.skip_bad, check_images="decode" if args.skip_bad else "header")
     gallery_splits = [s for s in (args.gallery_splits or "").split(",") if s] or None
     ev = run_evaluation(
         model, catalog, split=args.split, gallery_splits=gallery_splits,
@@ -85,13 +85,14 @@ def run(args: argparse.Namespace) -> int:
 def format_report(result: dict) -> str:
     """A header naming the protocol, then one table row for all queries and one per category."""
     extras = [name.replace("_", " ") for name in ("flip", "rerank", "within_category") if result.get(name)]
+    ks = _ks(result)
     lines = [
         f"queries: consumer images of '{result['split']}'; gallery: shop images of "
         f"'{','.join(result['gallery_splits'])}'" + (f"; with {' + '.join(extras)}" if extras else ""),
         f"{result['num_queries']} queries with a match, {result['num_queries_without_match']} without "
         f"(not scored), {result['num_gallery']} gallery images",
         "",
-        f"{'':<16}" + "".join(f"{'top' + str(k):>8}" for k in KS) + f"{'mAP':>8}{'queries':>9}",
+        f"{'':<16}" + "".join(f"{'top' + str(k):>8}" for k in ks) + f"{'mAP':>8}{'queries':>9}",
         _row("all", result),
     ]
     for name, cat in result.get("per_category", {}).items():
@@ -104,7 +105,12 @@ def _row(name: str, m: dict) -> str:
     def pct(value: float | None) -> str:
         return f"{100 * value:8.2f}" if value is not None else f"{'-':>8}"
 
-    return f"{name[:16]:<16}" + "".join(pct(m[f"top{k}"]) for k in KS) + pct(m["mAP"]) + f"{m['num_queries']:>9}"
+    return f"{name[:16]:<16}" + "".join(pct(m[f"top{k}"]) for k in _ks(m)) + pct(m["mAP"]) + f"{m['num_queries']:>9}"
+
+
+def _ks(metrics: dict) -> list[int]:
+    """The k values present in a result (``top1``, ``top5``, ...), in order."""
+    return sorted(int(key[3:]) for key in metrics if key.startswith("top") and key[3:].isdigit())
 
 
 def format_skips(skipped: list[str]) -> str:
@@ -117,7 +123,7 @@ def write_plots(ev, folder: Path) -> list[Path]:
     """cmc.png (all queries, and each category when few) and ranked.png (sample queries with their top 10)."""
     from mmfl.plots import plot_cmc, plot_ranked_grid
 
-    curves = ev.cmc_curves(max_rank=max(KS))
+    curves = ev.cmc_curves(max_rank=max(_ks(ev.metrics)))
     if len(curves) > MAX_CMC_CURVES + 1:
         curves = {"all": curves["all"]}
     cmc_path = plot_cmc(curves, folder / "cmc.png")
@@ -128,8 +134,7 @@ def write_plots(ev, folder: Path) -> list[Path]:
 
 
 def _write_json(result: dict, path: Path) -> None:
-    """Write via a temp file and rename, so an interrupted run never leaves half a JSON."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Atomic, so an interrupted run never leaves half a JSON."""
+    from mmfl.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")

@@ -85,11 +85,15 @@ class Catalog:
 
 
 def dedupe(records: Iterable[Record]) -> list[Record]:
-    """Drop exact repeats of (path, item, domain, split): pair lists name each image many times."""
-    seen: set[tuple[str, str, str, str]] = set()
+    """Drop exact repeats of (path, item, domain, split, box): pair lists name each image many times.
+
+    The box is part of the key: two boxes of one item in one image (DeepFashion2 shop photos
+    showing a garment twice) are two crops, and neither may vanish without a word.
+    """
+    seen: set[tuple[str, str, str, str, Box | None]] = set()
     out = []
     for r in records:
-        key = (r.path, r.item_id, r.domain, r.split)
+        key = (r.path, r.item_id, r.domain, r.split, r.box)
         if key not in seen:
             seen.add(key)
             out.append(r)

@@ -15,12 +15,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mmfl.atomic import fsync_dir
 from mmfl.data.records import Record
 from mmfl.errors import DataError, GalleryIndexError
 from mmfl.index import faiss_store, milvus_store
 from mmfl.index.labels import predicted_attributes, predicted_category
 from mmfl.index.store import (
-    BACKENDS, FORMAT, KINDS, MANIFEST, VERSION, Entry, Facets, GalleryStore, fsync_dir, new_generation,
+    BACKENDS, FORMAT, KINDS, MANIFEST, VERSION, Entry, Facets, GalleryStore, new_generation,
     open_store, read_manifest, utc_now, write_manifest,
 )
 

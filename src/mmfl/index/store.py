@@ -10,13 +10,13 @@ are removed by the next successful build.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence
 
+from mmfl.atomic import atomic_write_text
 from mmfl.errors import GalleryIndexError, MMFLError
 
 FORMAT = "mmfl-index"
@@ -153,34 +153,8 @@ def read_manifest(index_dir: str | Path) -> dict[str, Any]:
 
 
 def write_manifest(index_dir: str | Path, manifest: dict[str, Any]) -> None:
-    """Commit a build: write the manifest to a temp file, fsync, and rename it over the old one."""
-    path = manifest_path(index_dir)
-    tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(manifest, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make renames in ``folder`` durable (best effort: not every filesystem allows it)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """Commit a build: the manifest is written atomically, so readers see the old build or the new one."""
+    atomic_write_text(manifest_path(index_dir), json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 @dataclass

@@ -65,7 +65,10 @@ def prepare_data(cfg: Config) -> TrainData:
     """Read the dataset and index the training split (labels in first-seen item order)."""
     if not cfg.data.root:
         raise TrainingError("data.root is not set (give data.root=DIR)")
-    catalog = read_dataset(cfg.data.root, cfg.data.format, skip_bad=cfg.data.skip_bad)
+    # With skip_bad, decode every image up front: a truncated JPEG is then a counted skip, not a
+    # crash hours into the run (its header alone reads fine).
+    catalog = read_dataset(cfg.data.root, cfg.data.format, skip_bad=cfg.data.skip_bad,
+                           check_images="decode" if cfg.data.skip_bad else "header")
     records = catalog.split(cfg.data.train_split)
     if not records:
         raise TrainingError(f"{cfg.data.root}: no records in split '{cfg.data.train_split}'")
@@ -161,6 +164,10 @@ def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: to
     if cfg.train.compile:
         train_model = torch.compile(train_model)
 
+    if info.is_main:
+        # A run killed after logging an epoch but before saving last.pt would log that epoch twice;
+        # the checkpoint's history is the truth, so the log restarts from it.
+        _rewrite_jsonl(out / "metrics.jsonl", history)
     writer = _tensorboard(cfg, out) if info.is_main else None
     dataset = RecordDataset(
         data.records,
@@ -237,7 +244,7 @@ def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: to
             lr = optimizer.param_groups[0]["lr"]
             rate = seen * info.world_size / max(1e-9, time.perf_counter() - t0)
             if bar is not None:
-                bar.set_postfix(loss=f"{float(total):.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+                bar.set_postfix(loss=f"{terms['total']:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
                 bar.update(1)
             if writer is not None:
                 writer.add_scalar("train/loss", float(total), global_step)
@@ -283,7 +290,8 @@ def validate(model: torch.nn.Module, catalog: Catalog, cfg: Config, device: torc
     """Top-k/mAP on the validation split (None when the split has no queries or gallery)."""
     from mmfl.evaluate import evaluate
 
-    if not catalog.split(cfg.data.val_split, "consumer") or not catalog.split(cfg.data.val_split, "shop"):
+    queries, gallery = catalog.split(cfg.data.val_split, "consumer"), catalog.split(cfg.data.val_split, "shop")
+    if not {r.item_id for r in queries} & {r.item_id for r in gallery}:
         return None
     result = evaluate(model.eval(), catalog, split=cfg.data.val_split, size=cfg.input.size,
                       batch_size=cfg.eval.batch_size, device=device, num_workers=cfg.data.num_workers)
@@ -381,6 +389,14 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
 def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+
+
+def _rewrite_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Replace ``path`` with ``rows`` (temp file + rename: a kill leaves the old or the new log)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n" for row in rows),
+                   encoding="utf-8")
+    tmp.replace(path)
 
 
 def _jsonable(v: Any) -> Any:

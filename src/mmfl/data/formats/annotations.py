@@ -24,6 +24,7 @@ from mmfl.errors import DataError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _INT = re.compile(r"[+-]?[0-9]+")
 _NUMBER = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
+_LEADING_NAME = re.compile(r"\s*(.*?\.(?:jpg|jpeg|png|bmp|webp))(?=\s|$)", re.IGNORECASE)
 
 
 class Problems:
@@ -174,6 +175,17 @@ def parse_box(values: Sequence[object], where: str, problems: Problems) -> Box |
         problems.bad(where, f"box ({x1}, {y1}, {x2}, {y2}) has no area (needs x2 > x1 and y2 > y1)")
         return None
     return x1, y1, x2, y2
+
+
+def leading_name(text: str) -> str:
+    """The image name a row starts with, inner spaces kept: everything up to the first word that
+    ends in an image suffix (else the first word). Used to remember the name of a rejected row,
+    whose columns cannot be trusted, so that rows naming that image are not reported again."""
+    match = _LEADING_NAME.match(text)
+    if match:
+        return match.group(1)
+    words = text.split()
+    return words[0] if words else ""
 
 
 def is_int(text: str) -> bool:

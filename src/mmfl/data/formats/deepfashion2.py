@@ -33,7 +33,7 @@ def read(root: Path, skip_bad: bool, check_images: str) -> Catalog:
     problems = Problems(skip_bad)
     splits = [(folder, split) for folder, split in SPLIT_FOLDERS.items() if (root / folder / "annos").is_dir()]
     if not splits:
-        raise DataError(f"{root}: no train/annos or validation/annos folder (DeepFashion2 layout)")
+        raise DataError(f"{root}: no train/annos, validation/annos or test/annos folder (DeepFashion2 layout)")
     records: list[Record] = []
     categories: dict[int, str] = {}
     for folder, split in splits:

@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmfl.data.formats.annotations import Problems, Row, parse_box, parse_int, read_table, split_row
+from mmfl.data.formats.annotations import Problems, Row, leading_name, parse_box, parse_int, read_table, split_row
 from mmfl.data.formats.attributes import read_attributes
 from mmfl.data.formats.checks import finish_records
 from mmfl.data.records import Box, Catalog, Record
@@ -95,8 +95,7 @@ def read_bboxes(path: Path, problems: Problems) -> dict[str, ImageEntry | None]:
     for row in read_table(path, problems):
         entry = _bbox_entry(row, problems)
         if entry is None:
-            words = row.text.split()
-            images.setdefault(words[0] if words else "", None)
+            images.setdefault(leading_name(row.text), None)
             continue
         name, image = entry
         previous = images.setdefault(name, image)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mmfl.data.formats.annotations import Problems, Row, parse_box, parse_int, read_table, split_row
+from mmfl.data.formats.annotations import Problems, Row, leading_name, parse_box, parse_int, read_table, split_row
 from mmfl.data.formats.attributes import read_attributes
 from mmfl.data.formats.checks import finish_records
 from mmfl.data.records import Box, Catalog, Record
@@ -75,8 +75,7 @@ def read_bboxes(path: Path, problems: Problems) -> dict[str, tuple[Box, str] | N
     for row in read_table(path, problems):
         parsed = _bbox_entry(row, problems)
         if parsed is None:
-            words = row.text.split()
-            out.setdefault(words[0] if words else "", None)
+            out.setdefault(leading_name(row.text), None)
             continue
         name, entry = parsed
         previous = out.setdefault(name, entry)
