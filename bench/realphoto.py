@@ -57,6 +57,8 @@ VARIANTS: dict[str, tuple[str | None, list[str]]] = {
     "+attributes": ("mmfl", ["loss.triplet=improved", "loss.center_weight=5e-4", "model.category_head=true",
                              "loss.category_weight=1.0"]),
 }
+#: The preset comparison; every other trained variant is a loss ablation of ``mmfl``.
+PRESET_VARIANTS = ("global", "mgn", "mmfl")
 METRICS = ("top1", "top5", "top10", "top20", "mAP")
 
 #: Budgets per device, stated in the results. CPU: sized for about an hour on an idle 2-core
@@ -89,6 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int)
     p.add_argument("--freeze-stages", type=int, help="backbone stages kept frozen")
     p.add_argument("--seeds", help="comma-separated training seeds")
+    p.add_argument("--ablation-seeds", help="seeds of the loss ablations (id-only ... +attributes); default: --seeds")
     p.add_argument("--variants", help=f"comma-separated, from: {', '.join(VARIANTS)}")
     p.add_argument("--views", type=int, default=3, help="consumer views per item")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the rendered views and of the item subset")
@@ -101,27 +104,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _seed_list(text: Any, flag: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise MMFLError(f"{flag}: '{text}' is not a comma-separated list of integers") from None
+    if not seeds:
+        raise MMFLError(f"{flag}: give at least one seed")
+    return seeds
+
+
 def settings_from(args: argparse.Namespace) -> dict[str, Any]:
     """The resolved budget: the device profile, then explicit flags."""
     prof = dict(PROFILES["smoke" if args.smoke else args.device])
-    for key in ("items", "val_items", "size", "epochs", "freeze_stages", "seeds", "variants"):
+    for key in ("items", "val_items", "size", "epochs", "freeze_stages", "seeds", "ablation_seeds", "variants"):
         if getattr(args, key) is not None:
             prof[key] = getattr(args, key)
     variants = [v for v in str(prof.get("variants") or ",".join(VARIANTS)).split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise MMFLError(f"--variants: unknown variant '{unknown[0]}' (choose from {', '.join(VARIANTS)})")
-    try:
-        seeds = [int(s) for s in str(prof["seeds"]).split(",") if s.strip()]
-    except ValueError:
-        raise MMFLError(f"--seeds: '{prof['seeds']}' is not a comma-separated list of integers") from None
-    if not seeds:
-        raise MMFLError("--seeds: give at least one seed")
+    seeds = _seed_list(prof["seeds"], "--seeds")
+    ablation_seeds = _seed_list(prof.get("ablation_seeds") or prof["seeds"], "--ablation-seeds")
     defaults = load_config("global").train
     return {
         **prof,
         "variants": variants,
         "seeds": seeds,
+        "ablation_seeds": ablation_seeds,
         "device": args.device,
         "render_size": min(384, 2 * prof["size"]),
         "views": args.views,
@@ -336,7 +346,8 @@ def _run(args: argparse.Namespace, s: dict[str, Any], src: Path, work: Path, jso
                          for r in rows if r["variant"] == done[key]]
             else:
                 done[key] = variant
-                rows += [run_trained(variant, seed, s, data_root, work, catalog, progress) for seed in s["seeds"]]
+                seeds = s["seeds"] if variant in PRESET_VARIANTS else s["ablation_seeds"]
+                rows += [run_trained(variant, seed, s, data_root, work, catalog, progress) for seed in seeds]
         summary = summarize(rows, s["variants"])
         _write(json_path, rows, s, summary, args, time.perf_counter() - started)
     print(table(summary))

@@ -28,8 +28,9 @@ class ConfigError(MMFLError, ValueError):
 class BranchSpec:
     """One retrieval branch, described as data.
 
-    ``level`` is the pyramid level the branch reads (2..5 = stride 4..32; the fused map when
-    fusion is on, the backbone stage otherwise). ``partition`` is ``whole``, ``stripes:N``
+    ``level`` is the pyramid level the branch reads (2..5 = stride 4..32). ``source`` says which
+    map: the fusion neck's output at that level (``fused``, when fusion is on) or the backbone
+    stage itself (``backbone``: the pretrained features, untouched by new layers). ``partition`` is ``whole``, ``stripes:N``
     (N horizontal stripes, MGN-style) or ``grid:RxC`` (local patches). Each part gets its own
     embedding of width ``dim`` with a BNNeck and an ID classifier; ``with_whole`` adds one
     embedding of the whole map to a partitioned branch (as MGN's part branches do).
@@ -37,6 +38,7 @@ class BranchSpec:
 
     name: str = "global"
     level: int = 5
+    source: Literal["fused", "backbone"] = "fused"
     partition: str = "whole"
     pooling: Literal["avg", "max", "gem"] = "avg"
     dim: int = 256
@@ -213,12 +215,14 @@ def validate(cfg: Config) -> None:
         parse_partition(b.partition, f"model.branches[{i}].partition")
         if not 2 <= b.level <= 5:
             raise ConfigError(f"model.branches[{i}].level: {b.level} not in 2..5 (stride 4..32)")
-        if cfg.model.fusion != "none" and b.level not in cfg.model.fusion_levels:
+        if cfg.model.fusion != "none" and b.source == "fused" and b.level not in cfg.model.fusion_levels:
             raise ConfigError(
                 f"model.branches[{i}].level: {b.level} is not a fused level {cfg.model.fusion_levels}"
             )
         if b.dim < 1:
             raise ConfigError(f"model.branches[{i}].dim: must be positive")
+    if cfg.model.fusion != "none" and all(b.source == "backbone" for b in cfg.model.branches):
+        raise ConfigError("model.fusion: fusion is on but no branch reads a fused map (source: fused)")
     if any(not 2 <= lv <= 5 for lv in cfg.model.fusion_levels) or len(cfg.model.fusion_levels) < 1:
         raise ConfigError(f"model.fusion_levels: {cfg.model.fusion_levels} must be levels in 2..5")
     if not 0 <= cfg.model.freeze_stages <= 4:

@@ -237,18 +237,22 @@ class MMFLNet(nn.Module):
             raise ValueError("at least one branch is needed")
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        used = sorted({b.level for b in branches})
-        backbone.truncate(max(used) if fusion == "none" else max(fusion_levels))
+        # A branch reads the fused map at its level when fusion is on and it asks for one,
+        # otherwise the backbone stage itself.
+        self.reads_fused = [fusion != "none" and b.source == "fused" for b in branches]
+        fused = sorted({b.level for b, f in zip(branches, self.reads_fused) if f})
+        deepest = max(b.level for b in branches)
+        backbone.truncate(max(deepest, *fusion_levels) if fused else deepest)
         self.backbone = backbone
-        if fusion == "none":
-            self.neck: FusionNeck | None = None
-            channels = backbone.channels
-        else:
+        self.neck: FusionNeck | None = None
+        if fused:
             self.neck = FusionNeck(
-                backbone.channels, backbone.strides, fusion_levels, used, neck_width, bottom_up=fusion == "bidirectional"
+                backbone.channels, backbone.strides, fusion_levels, fused, neck_width, bottom_up=fusion == "bidirectional"
             )
-            channels = {lv: neck_width for lv in used}
-        self.branches = nn.ModuleList(Branch(spec, channels[spec.level], num_items) for spec in branches)
+        self.branches = nn.ModuleList(
+            Branch(spec, neck_width if f else backbone.channels[spec.level], num_items)
+            for spec, f in zip(branches, self.reads_fused)
+        )
         self.names = [n for b in self.branches for n in b.names]
         self.dims = [d for b in self.branches for d in b.dims]
         self.embed_dim = sum(self.dims)
@@ -263,11 +267,11 @@ class MMFLNet(nn.Module):
         """Pre-BN and post-BN features of every embedding, in ``self.names`` order."""
         x = (x - self.mean) / self.std  # a new tensor: the caller's images are never modified
         pyramid = self.backbone(x)
-        maps = self.neck(pyramid) if self.neck is not None else pyramid
+        fused = self.neck(pyramid) if self.neck is not None else {}
         pre: list[torch.Tensor] = []
         post: list[torch.Tensor] = []
-        for branch in self.branches:
-            for feature, normed in branch(maps[branch.level]):
+        for branch, reads_fused in zip(self.branches, self.reads_fused):
+            for feature, normed in branch((fused if reads_fused else pyramid)[branch.level]):
                 pre.append(feature)
                 post.append(normed)
         return pre, post
