@@ -294,3 +294,29 @@ def test_checkpoint_round_trip_gives_the_same_embeddings(tmp_path) -> None:
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(loaded(x), model(x), atol=1e-6)
+
+
+def test_branch_source_backbone_bypasses_the_neck() -> None:
+    """A ``source: backbone`` branch reads the backbone stage: changing the neck leaves its
+    embedding untouched, while the ``source: fused`` branch's embedding moves."""
+    cfg = load_config("mmfl", ["model.backbone=resnet18", "model.neck_width=32",
+                               "model.branches=[{name: g, level: 5, source: backbone, dim: 16},"
+                               " {name: l, level: 4, source: fused, partition: 'grid:2x2', dim: 8}]"])
+    model = build_model(cfg, num_items=5, num_attributes=0).eval()
+    x = torch.rand(2, 3, 64, 64)
+    before = model(x)
+    with torch.no_grad():
+        for p in model.neck.parameters():
+            p.add_(0.5)
+    after = model(x)
+    assert model.dims == [16, 8, 8, 8, 8]
+    # Post-BN parts before normalisation differ only in the fused branch; compare directions per part.
+    assert torch.allclose(F.normalize(before[:, :16], dim=1), F.normalize(after[:, :16], dim=1), atol=1e-5)
+    assert not torch.allclose(F.normalize(before[:, 16:], dim=1), F.normalize(after[:, 16:], dim=1), atol=1e-3)
+
+
+def test_fusion_without_a_fused_branch_is_a_config_error() -> None:
+    from mmfl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="no branch reads a fused map"):
+        load_config("mmfl", ["model.branches=[{name: g, level: 5, source: backbone}]"])
