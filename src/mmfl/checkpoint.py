@@ -102,7 +102,7 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> to
         cfg.model.pretrained = "none"  # the checkpoint holds the trained weights
         model = build_model(cfg, ckpt["num_items"], ckpt["num_attributes"], ckpt.get("num_categories", 0))
         model.load_state_dict(ckpt["model"], strict=True)
-    except (KeyError, RuntimeError) as exc:
+    except (KeyError, RuntimeError, TypeError, ValueError) as exc:  # ValueError includes a bad stored config
         reason = str(exc).split("\n")[0][:200]
         raise CheckpointError(f"{checkpoint}: checkpoint does not fit its own model ({reason})") from None
     model.meta = {

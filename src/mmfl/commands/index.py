@@ -40,7 +40,10 @@ def run(args: argparse.Namespace) -> int:
     # --add keeps the existing backend and kind unless told otherwise; a new index is exact FAISS by default.
     existing = read_manifest(args.out) if args.add else {"backend": "faiss", "kind": "flat"}
     backend, kind = args.backend or existing["backend"], args.kind or existing["kind"]
-    catalog = read_dataset(args.data, args.fmt, skip_bad=args.skip_bad)
+    # Under --skip-bad every image is decoded up front, so one that breaks only when decoded (a
+    # truncated JPEG) is a counted skip rather than the end of the build half-way through embedding.
+    catalog = read_dataset(args.data, args.fmt, skip_bad=args.skip_bad,
+                           check_images="decode" if args.skip_bad else "header")
     for reason in catalog.skipped:
         print(f"skipped: {reason}", file=sys.stderr)
     gallery = catalog.split(args.split, domain="shop")

@@ -132,7 +132,9 @@ class FaissStore:
             expected = manifest.get("files", {}).get(path.name)
             if not path.is_file():
                 raise GalleryIndexError(f"{path}: missing (the index folder is incomplete)")
-            if expected and file_sha256(path) != expected:
+            if not expected:  # every build records one: a manifest without it cannot vouch for the file
+                raise GalleryIndexError(f"{path}: the manifest records no SHA-256 for it (edited manifest?)")
+            if file_sha256(path) != expected:
                 raise GalleryIndexError(f"{path}: SHA-256 differs from the manifest (corrupt or modified file)")
         try:
             self.index = faiss.read_index(str(vec_path))

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from mmfl.atomic import atomic_write_text
 from mmfl.checkpoint import atomic_save, model_payload, read_checkpoint
 from mmfl.config import Config, config_to_dict, dump_config
 from mmfl.data.dataset import RecordDataset
@@ -100,6 +101,7 @@ def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: to
 
     data = prepare_data(cfg)
     if info.is_main:
+        _remove_torn_saves(ckpt_dir)
         dump_config(cfg, out / "config.yaml")
         _log(f"data: {cfg.data.root} ({cfg.data.format})\n" + data.catalog.summary())
 
@@ -391,12 +393,19 @@ def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
         fh.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
 
 
+def _remove_torn_saves(folder: Path) -> None:
+    """Delete temp files of checkpoint saves cut short by a kill (``.last.pt.tmp-<pid>``).
+
+    They are never read (the rename never happened) but each holds a checkpoint's worth of disk,
+    and a job that keeps being preempted would pile them up.
+    """
+    for tmp in folder.glob(".*.pt.tmp-*"):
+        tmp.unlink(missing_ok=True)
+
+
 def _rewrite_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Replace ``path`` with ``rows`` (temp file + rename: a kill leaves the old or the new log)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n" for row in rows),
-                   encoding="utf-8")
-    tmp.replace(path)
+    """Replace ``path`` with ``rows`` crash-safely (a kill leaves the old or the new log)."""
+    atomic_write_text(path, "".join(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n" for row in rows))
 
 
 def _jsonable(v: Any) -> Any:

@@ -24,7 +24,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmfl.data.formats.annotations import Problems, Row, leading_name, parse_box, parse_int, read_table, split_row
+from mmfl.data.formats.annotations import (
+    Problems, Row, leading_name, parse_box, parse_int, read_table, split_row,
+)
 from mmfl.data.formats.attributes import read_attributes
 from mmfl.data.formats.checks import finish_records
 from mmfl.data.records import Box, Catalog, Record

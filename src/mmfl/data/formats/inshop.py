@@ -17,7 +17,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mmfl.data.formats.annotations import Problems, Row, leading_name, parse_box, parse_int, read_table, split_row
+from mmfl.data.formats.annotations import (
+    Problems, Row, leading_name, parse_box, parse_int, read_table, split_row,
+)
 from mmfl.data.formats.attributes import read_attributes
 from mmfl.data.formats.checks import finish_records
 from mmfl.data.records import Box, Catalog, Record
