@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmfl.atomic import atomic_write_text
+from mmfl.atomic import atomic_write_text
 from mmfl.checkpoint import atomic_save, model_payload, read_checkpoint
 from mmfl.config import Config, config_to_dict, dump_config
 from mmfl.data.dataset import RecordDataset
@@ -404,7 +405,7 @@ def _remove_torn_saves(folder: Path) -> None:
 
 
 def _rewrite_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Replace ``path`` with ``rows`` crash-safely (a kill leaves the old or the new log)."""
+    """Replace ``path`` with ``rows`` atomically (a kill leaves the old or the new log)."""
     atomic_write_text(path, "".join(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n" for row in rows))
 
 
