@@ -1,0 +1,582 @@
+"""GPU benchmark: MMFL-Net training and extraction against the bare ResNet-50, in one run.
+
+Every figure is a ratio measured in this run: model FLOP utilisation (MFU) is the achieved
+TFLOP/s (FLOPs per image from ``torch.utils.flop_counter`` on forward+backward, times images/s)
+over the bf16 matmul rate of an 8192^3 GEMM timed here; end-to-end training from JPEG files is
+compared with the same step on tensors already on the GPU; extraction with the bare forward.
+
+Measurements (each in try/except: one failure is an ``error`` entry, never a lost run):
+
+* ``train/{mmfl,bare}/eager``: the training step as ``mmfl train`` runs it (bf16 autocast around
+  the model, channels_last, the real multi-task criterion, fused AdamW, gradient clipping,
+  the center-loss SGD) vs a bare torchvision classifier (cross-entropy, fused AdamW), P x K images.
+* ``train/{mmfl,bare}/compile-<mode>``: the same with ``torch.compile`` on the model, in a child
+  process with a timeout (compilation can take minutes; it never blocks the rest).
+* ``extract/{mmfl,bare}``: eval-mode forward, bf16, channels_last, GPU-resident batch.
+* ``loader/jpeg``, ``e2e/mmfl/{resident,jpeg}``: a generated dataset (``mmfl synth``) read by the
+  training pipeline (reader, PKSampler, train transforms, DataLoader workers, pinned memory) vs
+  the same step on one batch kept on the GPU.
+
+``--smoke`` runs everything tiny on CPU (resnet18, 64 px, 2 steps, no compile) so CI exercises
+the code. Writes ``gpu_bench.json`` and ``gpu_bench.md`` under ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REFERENCE = {  # H100, 2026-11-27, issue 8
+    "gemm_bf16_tflops": 791.0,
+    "bare_resnet50_eager_images_per_s": 1809.0, "bare_resnet50_eager_mfu": 0.113,
+    "bare_resnet50_compiled_images_per_s": 1888.0,
+}
+TARGETS = {"mmfl_train_mfu": 0.25, "e2e_over_resident": 0.9}
+NUM_ITEMS = 5000  # ID classes of the bench model (DeepFashion C2S has ~14k training items; cost is negligible)
+NUM_ATTRIBUTES = 303  # DeepFashion's per-item attributes
+PREFETCH = 2  # DataLoader prefetch_factor (batches per worker held ready)
+
+
+@dataclass
+class Settings:
+    device: torch.device
+    smoke: bool
+    backbone: str
+    size: int
+    p: int
+    k: int
+    warmup: int
+    steps: int
+    extract_batch: int
+    gemm_size: int
+    amp: bool
+    workers: int
+    synth_items: int
+    compile_modes: tuple[str, ...]
+    num_items: int  # ID classes of the bench model
+    deadline: float  # time.monotonic() after which optional sections are skipped
+
+    @property
+    def batch(self) -> int:
+        return self.p * self.k
+
+
+def log(msg: str) -> None:
+    print(f"[gpu_bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_loop(fn: Callable[[], Any], warmup: int, steps: int, device: torch.device) -> tuple[float, float]:
+    """(seconds per call over ``steps`` calls after ``warmup`` calls, warm-up seconds)."""
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t1 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t1) / steps, t1 - t0
+
+
+# ---------------------------------------------------------------- models and steps
+
+
+def build_mmfl(s: Settings, num_items: int | None = None,
+               num_attributes: int = NUM_ATTRIBUTES) -> tuple[torch.nn.Module, Any, Any]:
+    """MMFL-Net (mmfl preset) and its criterion from the project's own builders."""
+    from mmfl.config import load_config
+    from mmfl.losses import build_criterion
+    from mmfl.models import build_model
+
+    cfg = load_config("mmfl", [f"model.backbone={s.backbone}", f"input.size={s.size}",
+                               f"train.batch_items={s.p}", f"train.images_per_item={s.k}"])
+    num_items = num_items or s.num_items
+    model = build_model(cfg, num_items, num_attributes).to(s.device).to(memory_format=torch.channels_last)
+    criterion = build_criterion(cfg, num_items, model.global_dim).to(s.device)
+    return model, criterion, cfg
+
+
+def build_bare(s: Settings) -> torch.nn.Module:
+    import torchvision
+
+    model = getattr(torchvision.models, s.backbone)(weights=None)
+    return model.to(s.device).to(memory_format=torch.channels_last)
+
+
+def pk_labels(s: Settings) -> torch.Tensor:
+    return torch.arange(s.p, device=s.device).repeat_interleave(s.k)
+
+
+def random_attributes(n: int, device: torch.device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return (torch.randint(0, 3, (n, NUM_ATTRIBUTES), generator=gen) - 1).to(torch.int8).to(device)
+
+
+def mmfl_step(model: torch.nn.Module, criterion: Any, cfg: Any, s: Settings,
+              forward: Callable[[torch.Tensor], Any] | None = None) -> Callable[..., None]:
+    """One optimisation step as ``mmfl train`` takes it (see mmfl.train.trainer)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = s.device.type == "cuda"
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused)
+    centers = criterion.center_parameters()
+    center_opt = torch.optim.SGD(centers, lr=cfg.loss.center_lr) if centers else None
+    forward = model if forward is None else forward
+    clip = cfg.train.grad_clip
+
+    def step(images: torch.Tensor, labels: torch.Tensor, attrs: torch.Tensor) -> None:
+        with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.amp):
+            out = forward(images)
+        total, _ = criterion(out, labels, attrs, None)
+        if not torch.isfinite(total):
+            raise RuntimeError(f"non-finite loss {float(total)}")
+        optimizer.zero_grad(set_to_none=True)
+        if center_opt is not None:
+            center_opt.zero_grad(set_to_none=True)
+        total.backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        if center_opt is not None:
+            criterion.rescale_center_grads()
+            center_opt.step()
+
+    return step
+
+
+def bare_step(model: torch.nn.Module, s: Settings,
+              forward: Callable[[torch.Tensor], Any] | None = None) -> Callable[..., None]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3.5e-4, fused=s.device.type == "cuda")
+    forward = model if forward is None else forward
+
+    def step(images: torch.Tensor, labels: torch.Tensor, attrs: torch.Tensor | None = None) -> None:
+        with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.amp):
+            loss = torch.nn.functional.cross_entropy(forward(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def resident_batch(s: Settings, batch: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(batch, 3, s.size, s.size, generator=gen).to(s.device)
+    return images.contiguous(memory_format=torch.channels_last)
+
+
+def count_flops(fn: Callable[[], Any]) -> float:
+    """FLOPs of one call (convolutions and matrix products; a multiply-add counts 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def flops_per_image_train(model: torch.nn.Module, loss_fn: Callable[[Any], torch.Tensor],
+                          images: torch.Tensor) -> float:
+    """Forward + backward FLOPs per image (no optimizer step: element-wise, not counted anyway)."""
+    def run() -> None:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
+            out = model(images)
+        loss_fn(out).backward()
+
+    flops = count_flops(run)
+    model.zero_grad(set_to_none=True)
+    return flops / images.shape[0]
+
+
+def rate_record(s: Settings, seconds_per_step: float, batch: int, flops_per_image: float | None,
+                gemm_tflops: float | None, **extra: Any) -> dict[str, Any]:
+    images_per_s = batch / seconds_per_step
+    rec: dict[str, Any] = {"images_per_s": images_per_s, "step_ms": seconds_per_step * 1e3, "batch": batch, **extra}
+    if flops_per_image:
+        tflops = flops_per_image * images_per_s / 1e12
+        rec.update(gflops_per_image=flops_per_image / 1e9, achieved_tflops=tflops)
+        if gemm_tflops:
+            rec["mfu"] = tflops / gemm_tflops
+    if s.device.type == "cuda":
+        rec["max_memory_gib"] = torch.cuda.max_memory_allocated(s.device) / 2**30
+    return rec
+
+
+def release(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# ---------------------------------------------------------------- sections
+
+
+def measure_gemm(s: Settings) -> dict[str, Any]:
+    """bf16 (fp32 on CPU) square matmul rate: the MFU denominator."""
+    dtype = torch.bfloat16 if s.device.type == "cuda" else torch.float32
+    n = s.gemm_size
+    a = torch.randn(n, n, device=s.device, dtype=dtype)
+    b = torch.randn(n, n, device=s.device, dtype=dtype)
+    seconds, _ = timed_loop(lambda: torch.mm(a, b), 3, 3 if s.smoke else 20, s.device)
+    return {"dtype": str(dtype).replace("torch.", ""), "size": n, "tflops": 2 * n**3 / seconds / 1e12}
+
+
+def measure_train(s: Settings, which: str, gemm: float | None, compile_mode: str | None = None) -> dict[str, Any]:
+    """Images/s of the training step on a GPU-resident P x K batch; FLOPs counted on the eager model."""
+    images, labels = resident_batch(s, s.batch), pk_labels(s)
+    attrs = random_attributes(s.batch, s.device)
+    if which == "mmfl":
+        model, criterion, cfg = build_mmfl(s)
+        model.train()
+        flops = flops_per_image_train(model, lambda out: criterion(out, labels, attrs, None)[0], images)
+        forward = torch.compile(model, mode=compile_mode) if compile_mode else model
+        step = mmfl_step(model, criterion, cfg, s, forward)
+    else:
+        model = build_bare(s).train()
+        flops = flops_per_image_train(model, lambda out: torch.nn.functional.cross_entropy(out, labels), images)
+        forward = torch.compile(model, mode=compile_mode) if compile_mode else model
+        step = bare_step(model, s, forward)
+    warmup = s.warmup + (3 if compile_mode else 0)
+    seconds, warm_s = timed_loop(lambda: step(images, labels, attrs), warmup, s.steps, s.device)
+    rec = rate_record(s, seconds, s.batch, flops, gemm, warmup_s=warm_s, compile=compile_mode or "eager")
+    del model, step
+    release(s.device)
+    return rec
+
+
+def measure_extract(s: Settings, which: str, gemm: float | None) -> dict[str, Any]:
+    """Eval-mode embedding throughput (bf16 autocast, inference mode) on a GPU-resident batch."""
+    model = (build_mmfl(s)[0] if which == "mmfl" else build_bare(s)).eval()
+    images = resident_batch(s, s.extract_batch)
+
+    def run() -> None:
+        with torch.inference_mode(), torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.amp):
+            model(images)
+
+    flops = count_flops(run) / s.extract_batch
+    seconds, _ = timed_loop(run, s.warmup, s.steps, s.device)
+    rec = rate_record(s, seconds, s.extract_batch, flops, gemm)
+    del model
+    release(s.device)
+    return rec
+
+
+def make_dataset(s: Settings, root: Path) -> Any:
+    """Generate a dataset at the training size and read it the way ``mmfl train`` does."""
+    from mmfl.config import load_config
+    from mmfl.synth import generate
+    from mmfl.train.trainer import prepare_data
+
+    t0 = time.perf_counter()
+    generate(root, s.synth_items, seed=0, size=s.size, workers=max(1, min(16, os.cpu_count() or 1)))
+    log(f"synth: {s.synth_items} items at {s.size} px in {time.perf_counter() - t0:.1f}s")
+    cfg = load_config("mmfl", [f"data.root={root}", "data.format=deepfashion-c2s", f"input.size={s.size}",
+                               f"model.backbone={s.backbone}"])
+    return prepare_data(cfg), cfg
+
+
+def jpeg_batches(s: Settings, data: Any, cfg: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Endless (pinned images, labels, attributes) batches from the training pipeline."""
+    from torch.utils.data import DataLoader
+
+    from mmfl.data.dataset import RecordDataset
+    from mmfl.data.sampler import PKSampler
+    from mmfl.data.transforms import train_transform
+
+    inp = cfg.input
+    dataset = RecordDataset(data.records, train_transform(s.size, inp.flip, inp.crop_scale_min, inp.color_jitter,
+                                                          inp.random_erasing), data.labels)
+    sampler = PKSampler([r.item_id for r in data.records], [r.domain for r in data.records], s.p, s.k, seed=0)
+    extra = {"persistent_workers": True, "prefetch_factor": PREFETCH} if s.workers else {}
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=s.workers,
+                        pin_memory=s.device.type == "cuda", **extra)
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        for images, labels, _ in loader:
+            yield images, labels, data.attributes[labels] if data.attributes.shape[1] else None
+        epoch += 1
+
+
+def measure_e2e(s: Settings) -> dict[str, Any]:
+    """Loader alone, the step on one resident batch, and the step fed by the loader: the ratio."""
+    root = Path(tempfile.mkdtemp(prefix="mmfl-gpu-bench-")) / "synth"
+    try:
+        data, cfg = make_dataset(s, root)
+        batches = jpeg_batches(s, data, cfg)
+        queued = max(1, s.workers * PREFETCH)  # batches the loader holds ready: drained before each timing
+
+        def drain() -> None:
+            for _ in range(queued):
+                next(batches)
+
+        loader_s, _ = timed_loop(lambda: next(batches), queued, s.steps, torch.device("cpu"))
+        out: dict[str, Any] = {"loader/jpeg": {"images_per_s": s.batch / loader_s, "workers": s.workers,
+                                               "train_images": len(data.records), "items": data.num_items}}
+        images, labels, attrs = next(batches)
+        model, criterion, mcfg = build_mmfl(s, data.num_items, 0 if attrs is None else attrs.shape[1])
+        model.train()
+        step = mmfl_step(model, criterion, mcfg, s)
+        images = images.to(s.device).contiguous(memory_format=torch.channels_last)
+        labels, attrs = labels.to(s.device), None if attrs is None else attrs.to(s.device)
+        resident_s, _ = timed_loop(lambda: step(images, labels, attrs), s.warmup, s.steps, s.device)
+
+        def fed() -> None:
+            imgs, lbls, atts = next(batches)
+            imgs = imgs.to(s.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            atts = None if atts is None else atts.to(s.device, non_blocking=True)
+            step(imgs, lbls.to(s.device, non_blocking=True), atts)
+
+        drain()  # the queue filled up while the resident step ran
+        fed_s, _ = timed_loop(fed, s.warmup, s.steps, s.device)
+        out["e2e/mmfl/resident"] = rate_record(s, resident_s, s.batch, None, None)
+        out["e2e/mmfl/jpeg"] = rate_record(s, fed_s, s.batch, None, None, ratio_vs_resident=resident_s / fed_s,
+                                           workers=s.workers)
+        del model, step, batches
+        release(s.device)
+        return out
+    finally:
+        shutil.rmtree(root.parent, ignore_errors=True)
+
+
+def run_child(s: Settings, which: str, mode: str, gemm: float | None, timeout_s: float, smoke: bool) -> dict[str, Any]:
+    """A compiled-training measurement in its own process, killed after ``timeout_s``."""
+    with tempfile.TemporaryDirectory(prefix="mmfl-gpu-bench-child-") as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", which, mode, str(result),
+               "--gemm-tflops", str(gemm or 0)] + (["--smoke"] if smoke else [])
+        try:
+            proc = subprocess.run(cmd, timeout=timeout_s, capture_output=True, text=True)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout_s:.0f}s (compile time-box)"}
+        if proc.returncode != 0 or not result.exists():
+            lines = (proc.stderr or proc.stdout).strip().splitlines()
+            return {"error": lines[-1] if lines else f"exit code {proc.returncode}"}
+        return json.loads(result.read_text())
+
+
+# ---------------------------------------------------------------- driver
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    cpus = os.cpu_count() or 1
+    deadline = time.monotonic() + args.budget_s
+    if args.smoke:
+        return Settings(device, smoke=True, backbone="resnet18", size=64, p=2, k=2, warmup=0, steps=2,
+                        extract_batch=4, gemm_size=512, amp=False, workers=2, synth_items=12, compile_modes=(),
+                        num_items=50, deadline=deadline)
+    return Settings(device, smoke=False, backbone="resnet50", size=320, p=16, k=4, warmup=5, steps=args.steps,
+                    extract_batch=128, gemm_size=8192, amp=device.type == "cuda", workers=max(1, min(14, cpus - 2)),
+                    synth_items=args.synth_items, compile_modes=tuple(m for m in args.compile_modes.split(",") if m),
+                    num_items=NUM_ITEMS, deadline=deadline)
+
+
+def section(results: dict[str, Any], name: str, fn: Callable[[], Any], s: Settings, needs_s: float = 0.0,
+            several: bool = False) -> None:
+    """Run one measurement; record its result (``several``: a dict of named results), a skip or its error."""
+    left = s.deadline - time.monotonic()
+    if left < needs_s:
+        results[name] = {"error": f"skipped: {left:.0f}s left of the time budget, needs ~{needs_s:.0f}s"}
+        log(f"{name}: skipped (time budget)")
+        return
+    log(f"{name} ...")
+    t0 = time.perf_counter()
+    try:
+        value = fn()
+    except Exception as exc:  # one failed measurement must not lose the others
+        traceback.print_exc()
+        results[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+        log(f"{name}: error {results[name]['error']}")
+        return
+    if several:
+        results.update(value)
+        shown = {k: round(v.get("images_per_s", 0), 1) for k, v in value.items()}
+    else:
+        results[name] = value
+        shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in value.items()
+                 if k in ("images_per_s", "mfu", "tflops", "ratio_vs_resident", "error")}
+    log(f"{name}: {shown} ({time.perf_counter() - t0:.1f}s)")
+
+
+def summarise(results: dict[str, Any], gemm: float | None) -> dict[str, Any]:
+    def get(name: str, key: str) -> float | None:
+        value = results.get(name, {}).get(key)
+        return float(value) if isinstance(value, (int, float)) else None
+
+    mmfl = {k: v["mfu"] for k, v in results.items() if k.startswith("train/mmfl/") and "mfu" in v}
+    bare = {k: v["mfu"] for k, v in results.items() if k.startswith("train/bare/") and "mfu" in v}
+    best = max(mmfl.items(), key=lambda kv: kv[1]) if mmfl else None
+    e2e = get("e2e/mmfl/jpeg", "ratio_vs_resident")
+    ex_m, ex_b = get("extract/mmfl", "images_per_s"), get("extract/bare", "images_per_s")
+    tr_m, tr_b = get("train/mmfl/eager", "images_per_s"), get("train/bare/eager", "images_per_s")
+    return {
+        "gemm_tflops": gemm,
+        "mmfl_train_mfu": mmfl, "bare_train_mfu": bare,
+        "mmfl_train_best": {"variant": best[0], "mfu": best[1]} if best else None,
+        "mmfl_train_mfu_target": TARGETS["mmfl_train_mfu"],
+        "mmfl_train_mfu_met": bool(best and best[1] >= TARGETS["mmfl_train_mfu"]),
+        "train_images_per_s_mmfl_over_bare_eager": tr_m / tr_b if tr_m and tr_b else None,
+        "extract_images_per_s_mmfl_over_bare": ex_m / ex_b if ex_m and ex_b else None,
+        "e2e_over_resident": e2e,
+        "e2e_target": TARGETS["e2e_over_resident"],
+        "e2e_met": bool(e2e and e2e >= TARGETS["e2e_over_resident"]),
+        "reference_h100_2026_11_27": REFERENCE,
+    }
+
+
+def _cell(record: dict[str, Any], key: str) -> str:
+    return f"{record[key]:.1f}" if key in record else ""
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def write_markdown(report: dict[str, Any], path: Path) -> None:
+    st, sm = report["settings"], report["summary"]
+    lines = [
+        f"# GPU benchmark ({report['env']['device_name']}, {report['created']})", "",
+        f"Command: `{report['command']}`. MMFL-Net = `mmfl` preset on {st['backbone']}, bare = torchvision "
+        f"{st['backbone']} classifier; {st['size']}x{st['size']}, P x K = {st['p']} x {st['k']} = {st['batch']}, "
+        f"bf16 autocast: {st['amp']}, channels_last, fused AdamW. GEMM ({report['gemm'].get('dtype', '?')}, "
+        f"{report['gemm'].get('size', '?')}^3): {report['gemm'].get('tflops', float('nan')):.1f} TFLOP/s.", "",
+        "| measurement | images/s | step ms | GFLOP/image | TFLOP/s | MFU | notes |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for name, r in report["results"].items():
+        if "error" in r:
+            lines.append(f"| {name} | | | | | | {r['error']} |")
+            continue
+        notes = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()
+                          if k in ("ratio_vs_resident", "warmup_s", "workers", "max_memory_gib", "compile"))
+        lines.append(f"| {name} | {_cell(r, 'images_per_s')} | {_cell(r, 'step_ms')} | "
+                     f"{_cell(r, 'gflops_per_image')} | {_cell(r, 'achieved_tflops')} | "
+                     f"{format(r['mfu'] * 100, '.1f') + ' %' if 'mfu' in r else ''} | {notes} |")
+    best = sm.get("mmfl_train_best") or {}
+    met = {True: "met", False: "not met"}
+    lines += [
+        "",
+        f"- MMFL-Net training MFU, best variant: {best.get('variant')} {100 * best.get('mfu', 0):.1f} % "
+        f"(target {100 * sm['mmfl_train_mfu_target']:.0f} %: {met[sm['mmfl_train_mfu_met']]}).",
+        f"- End-to-end from JPEG / GPU-resident: {_num(sm['e2e_over_resident'])} "
+        f"(target {sm['e2e_target']}: {met[sm['e2e_met']]}).",
+        f"- Images/s MMFL-Net / bare: training (eager) {_num(sm['train_images_per_s_mmfl_over_bare_eager'])}, "
+        f"extraction {_num(sm['extract_images_per_s_mmfl_over_bare'])}.",
+        f"- Reference (H100, 2026-11-27): {json.dumps(REFERENCE)}.",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run (resnet18, 64 px, 2 steps, no compile)")
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
+    p.add_argument("--steps", type=int, default=30, help="timed steps per measurement (default 30)")
+    p.add_argument("--synth-items", type=int, default=300, help="items in the generated JPEG dataset (default 300)")
+    p.add_argument("--compile-modes", default="default,max-autotune-no-cudagraphs",
+                   help="torch.compile modes to try, in order (comma list; empty for none)")
+    p.add_argument("--compile-timeout-s", type=float, default=120.0, help="time-box per compiled measurement")
+    p.add_argument("--budget-s", type=float, default=270.0, help="skip optional sections after this long")
+    p.add_argument("--child", nargs=3, metavar=("MODEL", "MODE", "RESULT"), help=argparse.SUPPRESS)
+    p.add_argument("--gemm-tflops", type=float, default=0.0, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    s = settings_from(args)
+    threads = torch.get_num_threads()
+    if s.smoke:
+        torch.set_num_threads(1)  # tiny CPU tensors gain nothing from threads, and CI machines are shared
+    try:
+        return _run(args, s, sys.argv[1:] if argv is None else argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace, s: Settings, argv: list[str]) -> int:
+    if s.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if args.child:
+        which, mode, result = args.child
+        rec = measure_train(s, which, args.gemm_tflops or None, mode)
+        Path(result).write_text(json.dumps(rec))
+        return 0
+    started = time.perf_counter()
+    device_name = torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else "cpu"
+    log(f"device {s.device} ({device_name}), torch {torch.__version__}, smoke={s.smoke}")
+    results: dict[str, Any] = {}
+    report: dict[str, Any] = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python bench/gpu_bench.py " + " ".join(argv),
+        "smoke": s.smoke,
+        "env": {"device": str(s.device), "device_name": device_name, "torch": torch.__version__,
+                "cuda": torch.version.cuda, "python": platform.python_version(), "cpu_count": os.cpu_count()},
+        "settings": {"backbone": s.backbone, "size": s.size, "p": s.p, "k": s.k, "batch": s.batch, "amp": s.amp,
+                     "warmup": s.warmup, "steps": s.steps, "extract_batch": s.extract_batch, "workers": s.workers,
+                     "num_items": s.num_items, "num_attributes": NUM_ATTRIBUTES,
+                     "compile_modes": list(s.compile_modes)},
+        "results": results,
+    }
+
+    def save() -> None:
+        """Write the report so far: a run killed later (time limit, crash) still leaves its measurements."""
+        report.update(summary=summarise(results, report["gemm"].get("tflops")),
+                      total_s=time.perf_counter() - started)
+        args.out.mkdir(parents=True, exist_ok=True)
+        tmp = args.out / "gpu_bench.json.tmp"
+        tmp.write_text(json.dumps(report, indent=2))
+        tmp.replace(args.out / "gpu_bench.json")
+        write_markdown(report, args.out / "gpu_bench.md")
+
+    try:
+        report["gemm"] = measure_gemm(s)
+        log(f"gemm: {report['gemm']}")
+    except Exception as exc:  # MFU is then left out, the rates are still measured
+        report["gemm"] = {"error": f"{type(exc).__name__}: {exc}"}
+    gemm = report["gemm"].get("tflops")
+    save()
+    for which in ("mmfl", "bare"):
+        section(results, f"train/{which}/eager", lambda w=which: measure_train(s, w, gemm), s)
+        save()
+    for which in ("mmfl", "bare"):
+        section(results, f"extract/{which}", lambda w=which: measure_extract(s, w, gemm), s)
+        save()
+    section(results, "e2e", lambda: measure_e2e(s), s, needs_s=30, several=True)
+    save()
+    for mode in s.compile_modes:
+        for which in ("mmfl", "bare"):
+            timeout = min(args.compile_timeout_s, s.deadline - time.monotonic())
+            section(results, f"train/{which}/compile-{mode}",
+                    lambda w=which, m=mode, t=timeout: run_child(s, w, m, gemm, t, s.smoke), s, needs_s=45)
+            save()
+    print((args.out / "gpu_bench.md").read_text(), flush=True)
+    log(f"wrote {args.out}/gpu_bench.json and gpu_bench.md in {report['total_s']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The benchmark scripts at toy sizes: they run, write their reports, and their helpers are right.
+
+No timing is asserted (CI machines are shared); what is checked are the values that do not
+depend on speed: recall, exactness of the torch search, index sizes, report structure.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def search() -> ModuleType:
+    return _load("search")
+
+
+@pytest.fixture(scope="module")
+def gpu_bench() -> ModuleType:
+    return _load("gpu_bench")
+
+
+def test_recall_counts_overlap_and_score_ties(search: ModuleType) -> None:
+    gt_ids = np.array([[0, 1, 2], [5, 6, 7]])
+    gt_scores = np.array([[0.9, 0.8, 0.7], [0.9, 0.8, 0.7]], dtype=np.float32)
+    found = np.array([[2, 0, 9], [5, 8, -1]])
+    scores = np.array([[0.7, 0.9, 0.1], [0.9, 0.7 - 1e-7, -np.inf]], dtype=np.float32)
+    # query 0: two of three; query 1: id 5, plus id 8 tied with the exact 3rd score; -1 is "nothing"
+    assert search.recall_at_k(found, scores, gt_ids, gt_scores, 3) == pytest.approx(4 / 6)
+
+
+def test_torch_blockwise_topk_is_exact(search: ModuleType) -> None:
+    gen = torch.Generator().manual_seed(0)
+    queries, gallery = torch.randn(7, 16, generator=gen), torch.randn(1000, 16, generator=gen)
+    values, ids = search.torch_exact_topk(queries, gallery, 5, block=128)
+    want_v, want_i = (queries @ gallery.T).topk(5, dim=1)
+    assert torch.equal(ids, want_i)
+    assert torch.allclose(values, want_v)
+
+
+def test_generated_galleries(search: ModuleType) -> None:
+    uniform = search.SyntheticGallery(1000, 32, 10, "uniform", seed=1)
+    rows = np.concatenate(list(uniform.chunks(rows=256)))
+    again = np.concatenate(list(search.SyntheticGallery(1000, 32, 10, "uniform", seed=1).chunks(rows=256)))
+    assert rows.shape == (1000, 32) and np.array_equal(rows, again)
+    assert np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-5)
+
+    clustered = search.SyntheticGallery(2000, 256, 20, "clustered", seed=0)
+    with pytest.raises(RuntimeError):
+        clustered.queries()  # consumer queries exist only once their items were generated
+    gallery = np.concatenate(list(clustered.chunks(rows=512)))
+    queries = clustered.queries()
+    assert np.allclose(np.linalg.norm(queries, axis=1), 1.0, atol=1e-5)
+    # query j is a photo of item j, whose shop images are gallery rows 4j..4j+3: they rank first
+    best4 = np.argsort(-(queries @ gallery.T), axis=1)[:, :4]
+    own = np.arange(20)[:, None] * 4 + np.arange(4)[None, :]
+    assert np.array_equal(np.sort(best4, axis=1), own)
+
+
+def test_search_bench_quick_writes_recall_report(search: ModuleType, tmp_path: Path) -> None:
+    out = tmp_path / "search.json"
+    assert search.main(["--quick", "--data", "clustered", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["dim"] == 64 and report["settings"]["sizes"] == [2000]
+    by_method = {r["method"]: r for r in report["results"]}
+    assert set(by_method) == {"flat-faiss", "flat-torch", "ivf", "hnsw"}
+    assert all("error" not in r for r in report["results"])
+    assert by_method["flat-faiss"]["recall"] == 1.0
+    assert by_method["flat-torch"]["recall"] == 1.0  # the torch search is exact too
+    for method in ("flat-faiss", "flat-torch"):
+        r = by_method[method]
+        assert r["bytes_per_vector"] == 64 * 4
+        assert 0 < r["gemm_fraction"] and r["gemm_gflops"] > 0 and r["peak_rss_mib"] > 0
+        assert 0 <= r["build_s"] and r["generate_s"] > 0
+    ivf, hnsw = by_method["ivf"], by_method["hnsw"]
+    assert ivf["bytes_per_vector"] > 64 * 4 + 8  # codes + ids + the coarse centroids
+    assert hnsw["bytes_per_vector"] > 64 * 4  # vectors + graph links
+    recalls = [p["recall"] for p in ivf["sweep"]]
+    assert all(0.0 <= r <= 1.0 for r in recalls + [p["recall"] for p in hnsw["sweep"]])
+    assert recalls == sorted(recalls)  # scanning more lists never loses a neighbour
+    allowed = [p for p in search.NPROBE_SWEEP if p <= ivf["nlist"]]
+    probes = [p["nprobe"] for p in ivf["sweep"]]
+    assert probes == allowed[: len(probes)]
+    last = ivf["sweep"][-1]  # the sweep runs until recall saturates or a setting is slower than exact
+    assert probes[-1] == allowed[-1] or last["recall"] >= search.SWEEP_STOP_RECALL or last["speedup_vs_flat"] < 1.0
+    assert set(report["summary"]) >= {"exact_gemm_fraction", "ann_at_2000", "ann_target"}
+
+
+def test_gpu_bench_smoke_writes_json_and_table(gpu_bench: ModuleType, tmp_path: Path) -> None:
+    assert gpu_bench.main(["--smoke", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert report["smoke"] is True and report["settings"]["backbone"] == "resnet18"
+    assert report["settings"]["size"] == 64 and report["settings"]["steps"] == 2
+    expected = {"train/mmfl/eager", "train/bare/eager", "extract/mmfl", "extract/bare",
+                "loader/jpeg", "e2e/mmfl/resident", "e2e/mmfl/jpeg"}
+    results = report["results"]
+    assert set(results) == expected
+    for name in expected:
+        assert "error" not in results[name], (name, results[name])
+        assert results[name]["images_per_s"] > 0
+    for name in ("train/mmfl/eager", "train/bare/eager", "extract/mmfl", "extract/bare"):
+        assert results[name]["gflops_per_image"] > 0 and results[name]["mfu"] > 0
+    # MMFL-Net (stride-16 last stage, fusion neck, 13 heads) does more work per image than the bare net
+    assert results["train/mmfl/eager"]["gflops_per_image"] > results["train/bare/eager"]["gflops_per_image"]
+    # training costs about three forwards
+    ratio = results["train/bare/eager"]["gflops_per_image"] / results["extract/bare"]["gflops_per_image"]
+    assert 2.5 < ratio < 3.5
+    assert results["e2e/mmfl/jpeg"]["ratio_vs_resident"] > 0
+    summary = report["summary"]
+    assert set(summary) >= {"gemm_tflops", "mmfl_train_best", "e2e_over_resident",
+                            "extract_images_per_s_mmfl_over_bare"}
+    table = (tmp_path / "gpu_bench.md").read_text()
+    assert "| train/mmfl/eager |" in table and "MFU" in table
