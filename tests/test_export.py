@@ -141,3 +141,43 @@ def test_parity_failure_raises_and_keeps_the_previous_file(tmp_path: Path) -> No
         export_onnx(_NoisyNet(_model("global", 32, categories=False)), path, 32)
     assert path.read_bytes() == b"previous export"
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+def test_searcher_with_onnx_matches_pytorch_and_refuses_other_checkpoints(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    from PIL import Image
+
+    from mmfl.checkpoint import load_model
+    from mmfl.errors import GalleryIndexError
+    from mmfl.index.search import Searcher
+    from search_helpers import make_checkpoint, make_served_index
+
+    index = make_served_index(tmp_path)
+    graph = tmp_path / "model.onnx"
+    export_onnx(load_model(tmp_path / "model.pt"), graph, 64)
+    photo = Image.open(tmp_path / "gallery" / "id_03_consumer_2.png").convert("RGB")
+
+    torch_searcher, onnx_searcher = Searcher(index), Searcher(index, onnx=graph)
+    try:
+        ref = torch_searcher.search(photo, k=5)["results"]
+        got = onnx_searcher.search(photo, k=5)["results"]
+    finally:
+        torch_searcher.close()
+        onnx_searcher.close()
+    assert [r["item_id"] for r in got] == [r["item_id"] for r in ref]
+    assert np.abs(np.array([r["score"] for r in got]) - [r["score"] for r in ref]).max() < 1e-4
+
+    photo_path = str(tmp_path / "gallery" / "id_03_consumer_2.png")
+    assert main(["search", str(index), photo_path, "--onnx", str(graph), "--top-k", "5", "--json"]) == 0
+    assert [r["item_id"] for r in json.loads(capsys.readouterr().out)["results"]] == [r["item_id"] for r in ref]
+
+    other = tmp_path / "other.onnx"
+    export_onnx(load_model(make_checkpoint(tmp_path / "other.pt", seed=1)), other, 64)
+    with pytest.raises(GalleryIndexError, match=r"other\.onnx \(exported from .*other\.pt\) has sha256"):
+        Searcher(index, onnx=other)
+    with pytest.raises(MMFLError, match="on CPU"):
+        Searcher(index, device="cuda", onnx=graph)
+    with pytest.raises(MMFLError, match="give one of them"):
+        Searcher(index, checkpoint=tmp_path / "model.pt", onnx=graph)

@@ -17,9 +17,9 @@ from typing import Any
 def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
     p = subparsers.add_parser(name, help=help_text, description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
-    p.add_argument("--items", type=int, default=150, help="generated items (default: 150)")
+    p.add_argument("--items", type=int, default=300, help="generated items (default: 300)")
     p.add_argument("--size", type=int, default=112, help="image size in pixels (default: 112)")
-    p.add_argument("--epochs", type=int, default=6, help="training epochs (default: 6)")
+    p.add_argument("--epochs", type=int, default=8, help="training epochs (default: 8)")
     p.add_argument("--preset", default="mmfl", help="model preset (default: mmfl)")
     p.add_argument("--backbone", default="mobilenet_v2", help="backbone (default: mobilenet_v2)")
     p.add_argument("--pretrained", default="imagenet", help="imagenet | none | PATH (default: imagenet)")
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     catalog = read_dataset(data, "deepfashion-c2s")
     checkpoint = result.best_checkpoint or result.last_checkpoint
     metrics: dict[str, dict[str, Any]] = {}
-    for name, path in (("untrained (ImageNet backbone only)", baseline.last_checkpoint), (f"{args.preset} trained", checkpoint)):
+    for name, path in ((f"untrained heads ({args.pretrained} backbone)", baseline.last_checkpoint), (f"{args.preset} trained", checkpoint)):
         ev = run_evaluation(load_model(path), catalog, split="test", progress=False)
         metrics[name] = ev.metrics
     plots = write_plots(ev, out)
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         answer = searcher.search(open_image(query.path), k=5, bbox=query.box)
     finally:
         searcher.close()
-    print(f"query {Path(query.path).relative_to(data)} (item {query.item_id}):")
+    print(f"query {Path(query.path).relative_to(data.resolve())} (item {query.item_id}):")
     for rank, hit in enumerate(answer["results"], 1):
         mark = "  <- same item" if hit["item_id"] == query.item_id else ""
         print(f"  {rank}. {hit['item_id']}  score {hit['score']:.3f}  {hit['category']}{mark}")

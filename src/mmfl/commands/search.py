@@ -18,6 +18,8 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     parser.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
                         help="category=NAME (any of several) or attribute=NAME (all of several); repeatable")
     parser.add_argument("--checkpoint", help="checkpoint to use instead of the one recorded in the index (same file content)")
+    parser.add_argument("--onnx", metavar="FILE",
+                        help="graph from 'mmfl export --onnx' of the index's checkpoint, run with ONNX Runtime on CPU")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--json", action="store_true", help="print the JSON answer instead of a table")
     parser.set_defaults(func=run)
@@ -31,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     flt = parse_filters(args.filter)
     bbox = parse_bbox(args.bbox) if args.bbox else None
     photo = open_image(args.image)
-    searcher = Searcher(args.index, args.checkpoint, args.device)
+    searcher = Searcher(args.index, args.checkpoint, args.device, args.onnx)
     try:
         answer = searcher.search(photo, k=args.top_k, bbox=bbox, flt=flt)
     finally:

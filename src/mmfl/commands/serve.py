@@ -13,6 +13,8 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     parser.add_argument("--workers", type=int, default=1,
                         help="worker processes, each with its own model and index (default 1)")
     parser.add_argument("--checkpoint", help="checkpoint to use instead of the one recorded in the index (same file content)")
+    parser.add_argument("--onnx", metavar="FILE",
+                        help="graph from 'mmfl export --onnx' of the index's checkpoint, run with ONNX Runtime on CPU")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--max-upload-mb", type=int, default=10, help="largest accepted upload in MiB (default 10)")
     parser.set_defaults(func=run)
@@ -29,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     if args.workers > 1:
         _check_multi_process(args.index)
     # Load once here so a bad index or checkpoint fails with one line before anything listens.
-    app = create_app(args.index, args.checkpoint, args.device, args.max_upload_mb)
+    app = create_app(args.index, args.checkpoint, args.device, args.max_upload_mb, args.onnx)
     if args.workers == 1:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
         return 0
@@ -37,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
         "MMFL_SERVE_INDEX": os.path.abspath(args.index),
         "MMFL_SERVE_CHECKPOINT": os.path.abspath(args.checkpoint) if args.checkpoint else "",
         "MMFL_SERVE_DEVICE": args.device, "MMFL_SERVE_MAX_UPLOAD_MB": str(args.max_upload_mb),
+        "MMFL_SERVE_ONNX": os.path.abspath(args.onnx) if args.onnx else "",
     })
     app.state.searcher.close()  # each worker process builds its own from the environment
     uvicorn.run("mmfl.serve.app:app_from_env", factory=True, host=args.host, port=args.port,

@@ -49,9 +49,12 @@ def check_compatible(manifest: dict[str, Any], model: Any, index_dir: Path) -> N
     """Refuse a model whose checkpoint or embedding size differs from the one the index was built with."""
     sha = model.meta["checkpoint_sha256"]
     if manifest["checkpoint_sha256"] != sha:
+        source = model.meta["checkpoint"]
+        if model.meta.get("onnx"):  # an exported graph carries its source checkpoint's path and hash
+            source = f"{model.meta['onnx']} (exported from {source})"
         raise GalleryIndexError(
             f"{index_dir}: built with checkpoint {manifest['checkpoint']} (sha256 {manifest['checkpoint_sha256'][:12]}), "
-            f"but {model.meta['checkpoint']} has sha256 {sha[:12]}; rebuild the index with this checkpoint"
+            f"but {source} has sha256 {sha[:12]}; rebuild the index with this checkpoint"
         )
     if manifest["embed_dim"] != model.embed_dim:
         raise GalleryIndexError(

@@ -18,7 +18,7 @@ from PIL import Image
 
 from mmfl.data.images import check_box
 from mmfl.data.records import Box
-from mmfl.errors import DataError, GalleryIndexError
+from mmfl.errors import DataError, GalleryIndexError, MMFLError
 from mmfl.index.build import check_compatible, model_input_size
 from mmfl.index.labels import predicted_attributes, predicted_category
 from mmfl.index.store import Filter, GalleryStore, Hit, open_store
@@ -105,15 +105,36 @@ def load_index_model(index_dir: Path, manifest: dict[str, Any], checkpoint: str 
     return model
 
 
+def load_index_onnx(index_dir: Path, manifest: dict[str, Any], onnx: str | Path, device: str = "cpu") -> Any:
+    """An exported graph in place of the checkpoint, refused unless exported from the index's checkpoint.
+
+    ONNX Runtime runs it on CPU only, so any other device is refused rather than silently ignored.
+    """
+    from mmfl.export import OnnxEmbedder
+
+    if device != "cpu":
+        raise MMFLError(f"--onnx {onnx}: runs with ONNX Runtime on CPU; drop --device {device}")
+    model = OnnxEmbedder(onnx)
+    check_compatible(manifest, model, index_dir)
+    return model
+
+
 class Searcher:
     """A model and an open index, loaded once and shared by the CLI and every HTTP request."""
 
-    def __init__(self, index_dir: str | Path, checkpoint: str | Path | None = None, device: str = "cpu"):
+    def __init__(self, index_dir: str | Path, checkpoint: str | Path | None = None, device: str = "cpu",
+                 onnx: str | Path | None = None):
+        """``onnx``: an exported graph (``mmfl export --onnx``) to run with ONNX Runtime instead of the checkpoint."""
+        if onnx and checkpoint:
+            raise MMFLError(f"--checkpoint {checkpoint} and --onnx {onnx}: give one of them")
         self.index_dir = Path(index_dir)
         self.device = device
         self.store = open_store(self.index_dir)
         try:
-            self.model = load_index_model(self.index_dir, self.store.manifest, checkpoint, device)
+            if onnx:
+                self.model = load_index_onnx(self.index_dir, self.store.manifest, onnx, device)
+            else:
+                self.model = load_index_model(self.index_dir, self.store.manifest, checkpoint, device)
         except BaseException:
             self.store.close()
             raise

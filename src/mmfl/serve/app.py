@@ -84,9 +84,10 @@ class BodyLimit:
 
 
 def create_app(index_dir: str | Path, checkpoint: str | Path | None = None, device: str = "cpu",
-               max_upload_mb: int = 10) -> FastAPI:
-    """The service for the index in ``index_dir`` (model from its manifest, or ``checkpoint`` with the same SHA-256)."""
-    searcher = Searcher(index_dir, checkpoint, device)
+               max_upload_mb: int = 10, onnx: str | Path | None = None) -> FastAPI:
+    """The service for the index in ``index_dir`` (model from its manifest, or ``checkpoint`` with the same SHA-256,
+    or ``onnx``: a graph exported from that checkpoint, run with ONNX Runtime on CPU)."""
+    searcher = Searcher(index_dir, checkpoint, device, onnx)
     max_image_bytes = max_upload_mb * MIB
 
     @asynccontextmanager
@@ -168,4 +169,5 @@ def app_from_env() -> FastAPI:
     return create_app(
         os.environ["MMFL_SERVE_INDEX"], os.environ.get("MMFL_SERVE_CHECKPOINT") or None,
         os.environ.get("MMFL_SERVE_DEVICE", "cpu"), int(os.environ.get("MMFL_SERVE_MAX_UPLOAD_MB", "10")),
+        os.environ.get("MMFL_SERVE_ONNX") or None,
     )

@@ -250,7 +250,7 @@ def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: to
                 bar.set_postfix(loss=f"{terms['total']:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
                 bar.update(1)
             if writer is not None:
-                writer.add_scalar("train/loss", float(total), global_step)
+                writer.add_scalar("train/loss", terms["total"], global_step)
                 for k, v in terms.items():
                     writer.add_scalar(f"train/{k}", float(v), global_step)
                 writer.add_scalar("train/lr", lr, global_step)
