@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     p.add_argument("--backbone", default="mobilenet_v2", help="backbone (default: mobilenet_v2)")
     p.add_argument("--pretrained", default="imagenet", help="imagenet | none | PATH (default: imagenet)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2, help="data-loading worker processes (default: 2)")
+    p.add_argument("--workers", type=int, default=2, help="worker processes for generation and data loading (default: 2; 0 = load in the main process)")
     p.set_defaults(func=run)
 
 
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     stage("synth")
     data = out / "data"
-    summary = generate(data, items=args.items, seed=args.seed, size=args.size, workers=args.workers)
+    summary = generate(data, items=args.items, seed=args.seed, size=args.size, workers=max(1, args.workers))
     print(f"{summary['items']} items, {summary['shop_images']} shop + {summary['consumer_images']} consumer images -> {data}")
     done("synth")
 
