@@ -39,6 +39,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from mmfl.serve.process import start_server, stop_server
+
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,43 +128,6 @@ def gallery_hashes(index: Path) -> set[str]:
 
 
 # ----------------------------------------------------------------------------- the server
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(index: Path, port: int, max_upload_mb: int, log: Path) -> subprocess.Popen:
-    """``mmfl serve`` in a subprocess; returns once /healthz answers."""
-    import httpx
-
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "mmfl.cli", "serve", str(index), "--host", "127.0.0.1",
-                                 "--port", str(port), "--max-upload-mb", str(max_upload_mb)],
-                                stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"mmfl serve exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise SystemExit("mmfl serve did not answer /healthz within 180 s")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
 
 # ----------------------------------------------------------------------------- load
 
@@ -382,9 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         index = args.index.resolve() if args.index else build_index(work, args.items, args.size)
         photos = query_photos(index, 16)
         allowed = gallery_hashes(index)
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        proc = start_server(index, port, args.max_upload_mb, work / "server.log")
+        proc, base = start_server(index, work / "server.log", "--max-upload-mb", str(args.max_upload_mb))
+        port = int(base.rsplit(":", 1)[1])
         try:
             threads, aborts = run_aborts(port, args.aborts)
             load = asyncio.run(run_load(base, photos, args.clients, args.requests))

@@ -33,6 +33,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from mmfl.serve.process import start_server, stop_server
+
 import numpy as np
 
 PHOTO_SIZE = (1024, 768)  # a phone photo after the usual client-side downscale
@@ -141,42 +143,6 @@ def build_served_index(workdir: Path, checkpoint: Path, items: int) -> Path:
                     "--format", "deepfashion-c2s", "--out", str(index), "--device", "cpu", "--quiet"],
                    check=True, capture_output=True, text=True)
     return index
-
-
-def start_server(index: Path, log: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    """``mmfl serve INDEX`` on a free port; returns once /healthz answers."""
-    import socket
-
-    import httpx
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "mmfl.cli", "serve", str(index), "--port", str(port), *extra],
-                                stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mmfl serve exited with {proc.returncode}: {log.read_text()[-500:]}")
-        try:
-            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("mmfl serve did not answer /healthz within 180 s")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def http_load(base: str, photo: bytes, clients: int, duration_s: float) -> dict[str, Any]:
@@ -307,7 +273,7 @@ def http_part(args: argparse.Namespace, work: Path, ckpt: Path, onnx_path: Path,
         variants["onnxruntime"] = ["--onnx", str(onnx_path)]
     out: dict[str, Any] = {"served_images": json.loads((index_dir / "manifest.json").read_text()).get("count")}
     for name, extra in variants.items():
-        proc, base = start_server(index_dir, work / f"serve-{name}.log", extra)
+        proc, base = start_server(index_dir, work / f"serve-{name}.log", *extra)
         try:
             levels = []
             for clients in args.clients:

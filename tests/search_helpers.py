@@ -6,14 +6,11 @@ a resnet18 at 64 px saved without training, as ``interfaces.md`` describes.
 """
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 from PIL import Image, ImageDraw
+
+from mmfl.serve.process import start_server, stop_server  # noqa: F401  (re-exported for the tests)
 
 ITEMS = [f"id_{i:02d}" for i in range(8)]
 CATEGORIES = ["dress", "top"]
@@ -67,42 +64,6 @@ def make_checkpoint(path: Path, seed: int = 0) -> Path:
         "num_categories": 0, "attribute_names": ATTRIBUTES, "category_names": [],
     }), path)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(index: Path, log: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    """``mmfl serve INDEX`` on a free port; returns once /healthz answers (fails with the server's log if it dies)."""
-    port = free_port()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "mmfl.cli", "serve", str(index), "--port", str(port), *extra],
-                                stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise AssertionError(f"server did not answer /healthz in time:\n{log.read_text()}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def make_served_index(root: Path) -> Path:
