@@ -1,6 +1,6 @@
 """The ``mmfl`` command line: one sub-parser per subcommand, each defined in ``mmfl.commands``.
 
-A command module exposes ``register(subparsers)`` which adds its parser and sets
+A command module exposes ``register(subparsers, name, help_text)``, which adds its parser and sets
 ``func=run``. Heavy imports (torch, faiss) happen inside ``run`` so ``mmfl --help`` is fast.
 User errors (:class:`~mmfl.errors.MMFLError`) print one line and exit 2; ``--debug`` shows
 the traceback.
@@ -12,7 +12,7 @@ import importlib
 import sys
 
 from mmfl import __version__
-from mmfl.errors import MMFLError, NotAvailableError
+from mmfl.errors import MMFLError
 
 #: subcommand -> (module under mmfl.commands, one-line help); order is the order in --help.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -37,25 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
-        try:
-            mod = importlib.import_module(f"mmfl.commands.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"mmfl.commands.{module}":
-                raise
-            _register_unavailable(subparsers, name, help_text)
-            continue
-        mod.register(subparsers, name, help_text)
+        importlib.import_module(f"mmfl.commands.{module}").register(subparsers, name, help_text)
     return parser
-
-
-def _register_unavailable(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
-    sub = subparsers.add_parser(name, help=f"{help_text} (not available yet)", description=f"{help_text}: not available yet.")
-    sub.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-
-    def run(_: argparse.Namespace) -> int:
-        raise NotAvailableError(f"'mmfl {name}' is not available yet")
-
-    sub.set_defaults(func=run)
 
 
 def main(argv: list[str] | None = None) -> int:

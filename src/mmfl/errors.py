@@ -20,7 +20,3 @@ class CheckpointError(MMFLError):
 
 class GalleryIndexError(MMFLError):
     """A gallery index is missing, corrupt or does not match the checkpoint."""
-
-
-class NotAvailableError(MMFLError):
-    """A subcommand whose issue has not landed yet."""
