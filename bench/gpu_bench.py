@@ -546,10 +546,9 @@ def _run(args: argparse.Namespace, s: Settings, argv: list[str]) -> int:
         """Write the report so far: a run killed later (time limit, crash) still leaves its measurements."""
         report.update(summary=summarise(results, report["gemm"].get("tflops")),
                       total_s=time.perf_counter() - started)
-        args.out.mkdir(parents=True, exist_ok=True)
-        tmp = args.out / "gpu_bench.json.tmp"
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(args.out / "gpu_bench.json")
+        from mmfl.atomic import atomic_write_text
+
+        atomic_write_text(args.out / "gpu_bench.json", json.dumps(report, indent=2))
         write_markdown(report, args.out / "gpu_bench.md")
 
     try:

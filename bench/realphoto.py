@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "src") not in sys.path:
     sys.path.insert(0, str(REPO / "src"))
 
+from mmfl.atomic import atomic_write_text  # noqa: E402
 from mmfl.config import load_config  # noqa: E402
 from mmfl.data.realphoto import build_realphoto, find_clothing_small  # noqa: E402
 from mmfl.errors import MMFLError  # noqa: E402
@@ -382,9 +383,7 @@ def _write(path: Path, rows: list[dict[str, Any]], s: dict[str, Any], summary: d
                     "consumer-style views as queries and the clean photos as gallery; not the real "
                     "consumer-to-shop gap",
     }
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
 
 
 def _log(msg: str) -> None:

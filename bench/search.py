@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from mmfl.atomic import atomic_write_text
+
 IMAGES_PER_ITEM = 4
 ITEMS_PER_STYLE = 25
 ITEM_SPREAD = 0.7  # item centre = unit(style + ITEM_SPREAD * e), |e| ~ 1
@@ -547,10 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print_table(results, args.k)
     print(json.dumps(report["summary"], indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_name(args.out.name + ".tmp")
-    tmp_out.write_text(json.dumps(report, indent=2))
-    tmp_out.replace(args.out)
+    atomic_write_text(args.out, json.dumps(report, indent=2))
     print(f"wrote {args.out}")
     return 0
 

@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from mmfl.atomic import atomic_write_text
 from mmfl.serve.process import start_server, stop_server
 
 import numpy as np
@@ -257,10 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_http:
             report["http"] = http_part(args, work, ckpt, onnx_path, photo)
     report["machine"]["loadavg_after"] = os.getloadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_name(args.out.name + ".tmp")
-    tmp_out.write_text(json.dumps(report, indent=2))
-    tmp_out.replace(args.out)
+    atomic_write_text(args.out, json.dumps(report, indent=2))
     print(f"wrote {args.out}")
     return 0
 

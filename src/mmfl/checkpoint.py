@@ -36,20 +36,26 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def torch_load(path: Path, map_location: str | torch.device, unreadable: str, foreign: str) -> Any:
+    """``torch.load(weights_only=True)`` whose failures are one CheckpointError line naming ``path``:
+    "not a readable <unreadable>" for a torn file, "not <foreign>" for a file of another kind."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        reason = str(exc).split("\n")[0][:160]
+        raise CheckpointError(f"{path}: not a readable {unreadable} ({reason})") from None
+    except Exception as exc:  # pickle.UnpicklingError and friends from foreign files
+        reason = str(exc).split("\n")[0][:160]
+        raise CheckpointError(f"{path}: not {foreign} ({type(exc).__name__}: {reason})") from None
+
+
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and validate a checkpoint dict; a missing, truncated or foreign file is a CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     _verify_archive(path)
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        reason = str(exc).split("\n")[0][:160]
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt: {reason})") from None
-    except Exception as exc:  # pickle.UnpicklingError and friends from foreign files
-        reason = str(exc).split("\n")[0][:160]
-        raise CheckpointError(f"{path}: not an mmfl checkpoint ({type(exc).__name__}: {reason})") from None
+    ckpt = torch_load(path, map_location, "checkpoint, truncated or corrupt", "an mmfl checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an mmfl checkpoint (no '{FORMAT}' header)")
     if ckpt.get("version") != VERSION:

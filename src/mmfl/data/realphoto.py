@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -40,6 +41,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from mmfl.atomic import atomic_write_text
 from mmfl.data.images import open_image
 from mmfl.data.records import Box
 from mmfl.errors import DataError
@@ -138,13 +140,12 @@ def build_realphoto(
     else:
         per_item = [_render_item(job) for job in jobs]
 
-    tmp = csv_path.with_name(csv_path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(CSV_HEADER)
-        for rows in per_item:
-            writer.writerows(rows)
-    tmp.replace(csv_path)
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(CSV_HEADER)
+    for rows in per_item:
+        writer.writerows(rows)
+    atomic_write_text(csv_path, table.getvalue())
     counts = {SPLIT_NAMES[f]: sum(1 for j in jobs if j.split == SPLIT_NAMES[f]) for f in splits}
     manifest.write_text(json.dumps({"params": params, "items": counts}, indent=2) + "\n", encoding="utf-8")
     return csv_path

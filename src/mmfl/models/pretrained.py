@@ -12,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import re
-import zipfile
 from pathlib import Path
 
 import torch
 from torchvision import models as tvm
 
+from mmfl.checkpoint import torch_load
 from mmfl.errors import CheckpointError, MMFLError
 from mmfl.models.backbones import Backbone
 
@@ -113,14 +113,7 @@ def verify_sha256(path: Path, expected: str) -> None:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A ``name -> tensor`` mapping from ``path`` (a plain state dict or an mmfl checkpoint's ``model``)."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        reason = str(exc).split("\n")[0][:160]
-        raise CheckpointError(f"{path}: not a readable weights file ({reason})") from None
-    except Exception as exc:  # pickle.UnpicklingError and friends from foreign files
-        reason = str(exc).split("\n")[0][:160]
-        raise CheckpointError(f"{path}: not a weights file ({type(exc).__name__}: {reason})") from None
+    obj = torch_load(path, "cpu", "weights file", "a weights file")
     if isinstance(obj, dict) and obj.get("format") == "mmfl-checkpoint" and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from mmfl.data.formats.annotations import Problems, Row, is_int, read_table
+from mmfl.data.formats.checks import finish_records
+from mmfl.data.records import Catalog, Record
 from mmfl.errors import DataError
 
 NAMES_FILE = "list_attr_cloth.txt"
@@ -72,3 +74,19 @@ def _parse_values(row: Row, expected: int, problems: Problems) -> tuple[str, np.
         problems.bad(row.where, f"attribute value {bad!r} {reason}")
         return None
     return fields[0], np.array([_VALUES[v] for v in fields[1:]], dtype=np.int8)
+
+
+def annotated_catalog(records: list[Record], problems: Problems, check_images: str, anno_dir: Path,
+                      name: str) -> Catalog:
+    """Finish ``records`` and attach the optional per-item attribute files of ``anno_dir``
+    (the DeepFashion benchmarks share this layout); categories are the records' own, sorted."""
+    records = finish_records(records, problems, check_images)
+    attribute_names, attributes = read_attributes(anno_dir, problems)
+    return Catalog(
+        records=records,
+        attribute_names=attribute_names,
+        attributes=attributes,
+        category_names=sorted({r.category for r in records if r.category}),
+        skipped=problems.skipped,
+        name=name,
+    )

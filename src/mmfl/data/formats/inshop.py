@@ -20,8 +20,7 @@ from pathlib import Path
 from mmfl.data.formats.annotations import (
     Problems, Row, leading_name, parse_box, parse_int, read_table, split_row,
 )
-from mmfl.data.formats.attributes import read_attributes
-from mmfl.data.formats.checks import finish_records
+from mmfl.data.formats.attributes import annotated_catalog
 from mmfl.data.records import Box, Catalog, Record
 
 PARTITION_FILE = Path("Eval") / "list_eval_partition.txt"
@@ -56,16 +55,7 @@ def read(root: Path, skip_bad: bool, check_images: str) -> Catalog:
         domain, split = STATUSES[status]
         records.append(Record(path=os.path.join(root, name), item_id=item, domain=domain, split=split,
                               box=box, category=category, source=row.where))
-    records = finish_records(records, problems, check_images)
-    attribute_names, attributes = read_attributes(root / "Anno", problems)
-    return Catalog(
-        records=records,
-        attribute_names=attribute_names,
-        attributes=attributes,
-        category_names=sorted({r.category for r in records if r.category}),
-        skipped=problems.skipped,
-        name="inshop",
-    )
+    return annotated_catalog(records, problems, check_images, root / "Anno", "inshop")
 
 
 def read_bboxes(path: Path, problems: Problems) -> dict[str, tuple[Box, str] | None]:
