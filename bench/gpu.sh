@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one command, for a lent H100/H200 (no network, no installs: torch and
+# The GPU session in one command, for a lent H100/H200 (no network, no installs: torch and
 # torchvision from the machine's image, mmfl from this checkout). Results go to $OUT (or
-# ./bench-out): gpu_bench.json, gpu_bench.md and gpu_bench.log. Runs in under 5 minutes.
-#   bash bench/gpu.sh            # the full run
+# ./bench-out): gpu_bench.{json,md,log}, gpu_profile.txt, and with a real-photo source also
+# realphoto_cuda.{json,log}.
+#   bash bench/gpu.sh            # the GPU benchmark (issue 8), under 5 minutes
 #   bash bench/gpu.sh --smoke    # tiny, on CPU (what CI runs through the test suite)
+# Then, when REALPHOTO_SRC names a clothing-small folder, the real-photo benchmark on the GPU
+# (bench/realphoto.py --device cuda), stopped after REALPHOTO_TIMEOUT_S seconds (default 270;
+# it writes its JSON after every variant, so a stop keeps what finished). REALPHOTO_ITEMS caps
+# the training items (the seeded subset bench/realphoto.py --items would pick), REALPHOTO_VARIANTS
+# orders the variants. Extra arguments go to bench/gpu_bench.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench-out}"
@@ -16,4 +22,13 @@ fi
 if command -v nvidia-smi >/dev/null 2>&1; then
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
 fi
-"$python" bench/gpu_bench.py --out "$out" "$@" 2>&1 | tee "$out/gpu_bench.log"
+status=0
+"$python" bench/gpu_bench.py --out "$out" "$@" 2>&1 | tee "$out/gpu_bench.log" || status=$?
+if [ -n "${REALPHOTO_SRC:-}" ]; then
+  variants="${REALPHOTO_VARIANTS:-mmfl,+batch-hard,+improved,mgn,global,imagenet-only,id-only,+attributes}"
+  timeout "${REALPHOTO_TIMEOUT_S:-270}" "$python" bench/realphoto.py --device cuda --src "$REALPHOTO_SRC" \
+    ${REALPHOTO_ITEMS:+--items "$REALPHOTO_ITEMS"} --seeds 0 --variants "$variants" --quiet \
+    --work "${TMPDIR:-/tmp}/mmfl-realphoto-cuda" --json "$out/realphoto_cuda.json" 2>&1 \
+    | tee "$out/realphoto_cuda.log" || status=$?
+fi
+exit "$status"

@@ -46,6 +46,7 @@ REFERENCE = {  # H100, 2026-11-27, issue 8
     "bare_resnet50_compiled_images_per_s": 1888.0,
 }
 TARGETS = {"mmfl_train_mfu": 0.25, "e2e_over_resident": 0.9}
+SECTIONS = ("train", "extract", "e2e", "profile", "compile")
 NUM_ITEMS = 5000  # ID classes of the bench model (DeepFashion C2S has ~14k training items; cost is negligible)
 NUM_ATTRIBUTES = 303  # DeepFashion's per-item attributes
 PREFETCH = 2  # DataLoader prefetch_factor (batches per worker held ready)
@@ -66,7 +67,7 @@ class Settings:
     amp: bool
     workers: int
     synth_items: int
-    compile_modes: tuple[str, ...]
+    compile_runs: tuple[tuple[str, str], ...]  # (model, torch.compile mode), in order
     num_items: int  # ID classes of the bench model
     deadline: float  # time.monotonic() after which optional sections are skipped
 
@@ -126,50 +127,43 @@ def pk_labels(s: Settings) -> torch.Tensor:
     return torch.arange(s.p, device=s.device).repeat_interleave(s.k)
 
 
+def pk_domains(s: Settings) -> torch.Tensor:
+    """Per item K-1 consumer photos and one shop photo, as the P x K sampler draws them."""
+    return torch.tensor(([0] * (s.k - 1) + [1]) * s.p, device=s.device)
+
+
 def random_attributes(n: int, device: torch.device) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     return (torch.randint(0, 3, (n, NUM_ATTRIBUTES), generator=gen) - 1).to(torch.int8).to(device)
 
 
 def mmfl_step(model: torch.nn.Module, criterion: Any, cfg: Any, s: Settings,
-              forward: Callable[[torch.Tensor], Any] | None = None) -> Callable[..., None]:
-    """One optimisation step as ``mmfl train`` takes it (see mmfl.train.trainer)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    fused = s.device.type == "cuda"
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused)
+              compile_mode: str | None = None) -> Any:
+    """The trainer's own step (:class:`mmfl.train.step.TrainStep`) with the trainer's optimizers."""
+    from mmfl.train.step import TrainStep
+    from mmfl.train.trainer import build_optimizer
+
     centers = criterion.center_parameters()
     center_opt = torch.optim.SGD(centers, lr=cfg.loss.center_lr) if centers else None
-    forward = model if forward is None else forward
-    clip = cfg.train.grad_clip
-
-    def step(images: torch.Tensor, labels: torch.Tensor, attrs: torch.Tensor) -> None:
-        with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.amp):
-            out = forward(images)
-        total, _ = criterion(out, labels, attrs, None)
-        if not torch.isfinite(total):
-            raise RuntimeError(f"non-finite loss {float(total)}")
-        optimizer.zero_grad(set_to_none=True)
-        if center_opt is not None:
-            center_opt.zero_grad(set_to_none=True)
-        total.backward()
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        optimizer.step()
-        if center_opt is not None:
-            criterion.rescale_center_grads()
-            center_opt.step()
-
-    return step
+    return TrainStep(model, criterion, build_optimizer(cfg, model, s.device), center_opt, device=s.device,
+                     amp=s.amp, grad_clip=cfg.train.grad_clip, compile_mode=compile_mode)
 
 
-def bare_step(model: torch.nn.Module, s: Settings,
-              forward: Callable[[torch.Tensor], Any] | None = None) -> Callable[..., None]:
+def bare_step(model: torch.nn.Module, s: Settings, compile_mode: str | None = None) -> Callable[[Any], None]:
+    """The reference: a torchvision classifier, cross-entropy, fused AdamW; compiled like MMFL-Net (forward + loss)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=3.5e-4, fused=s.device.type == "cuda")
-    forward = model if forward is None else forward
 
-    def step(images: torch.Tensor, labels: torch.Tensor, attrs: torch.Tensor | None = None) -> None:
+    def forward_loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.amp):
-            loss = torch.nn.functional.cross_entropy(forward(images), labels)
+            return torch.nn.functional.cross_entropy(model(images), labels)
+
+    run = torch.compile(forward_loss, mode=compile_mode) if compile_mode else forward_loss
+    cudagraphs = compile_mode in ("reduce-overhead", "max-autotune") and s.device.type == "cuda"
+
+    def step(batch: Any) -> None:
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        loss = run(batch.images, batch.labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -243,27 +237,57 @@ def measure_gemm(s: Settings) -> dict[str, Any]:
     return {"dtype": str(dtype).replace("torch.", ""), "size": n, "tflops": 2 * n**3 / seconds / 1e12}
 
 
+def resident_train_batch(s: Settings) -> Any:
+    from mmfl.train.step import Batch
+
+    return Batch(resident_batch(s, s.batch), pk_labels(s), pk_domains(s), random_attributes(s.batch, s.device))
+
+
 def measure_train(s: Settings, which: str, gemm: float | None, compile_mode: str | None = None) -> dict[str, Any]:
     """Images/s of the training step on a GPU-resident P x K batch; FLOPs counted on the eager model."""
-    images, labels = resident_batch(s, s.batch), pk_labels(s)
-    attrs = random_attributes(s.batch, s.device)
+    batch = resident_train_batch(s)
     if which == "mmfl":
         model, criterion, cfg = build_mmfl(s)
         model.train()
-        flops = flops_per_image_train(model, lambda out: criterion(out, labels, attrs, None)[0], images)
-        forward = torch.compile(model, mode=compile_mode) if compile_mode else model
-        step = mmfl_step(model, criterion, cfg, s, forward)
+        flops = flops_per_image_train(
+            model, lambda out: criterion(out, batch.labels, batch.attributes, None, batch.domains)[0], batch.images)
+        step = mmfl_step(model, criterion, cfg, s, compile_mode)
     else:
         model = build_bare(s).train()
-        flops = flops_per_image_train(model, lambda out: torch.nn.functional.cross_entropy(out, labels), images)
-        forward = torch.compile(model, mode=compile_mode) if compile_mode else model
-        step = bare_step(model, s, forward)
+        flops = flops_per_image_train(model, lambda out: torch.nn.functional.cross_entropy(out, batch.labels),
+                                      batch.images)
+        step = bare_step(model, s, compile_mode)
     warmup = s.warmup + (3 if compile_mode else 0)
-    seconds, warm_s = timed_loop(lambda: step(images, labels, attrs), warmup, s.steps, s.device)
+    seconds, warm_s = timed_loop(lambda: step(batch), warmup, s.steps, s.device)
     rec = rate_record(s, seconds, s.batch, flops, gemm, warmup_s=warm_s, compile=compile_mode or "eager")
     del model, step
     release(s.device)
     return rec
+
+
+def profile_train(s: Settings, out_dir: Path) -> dict[str, Any]:
+    """Where the eager MMFL-Net step spends its GPU time: the top kernels, written to gpu_profile.txt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batch = resident_train_batch(s)
+    model, criterion, cfg = build_mmfl(s)
+    model.train()
+    step = mmfl_step(model, criterion, cfg, s)
+    for _ in range(s.warmup):
+        step(batch)
+    sync(s.device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.device.type == "cuda" else [])
+    steps = 2 if s.smoke else 5
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step(batch)
+        sync(s.device)
+    key = "self_cuda_time_total" if s.device.type == "cuda" else "self_cpu_time_total"
+    text = prof.key_averages().table(sort_by=key, row_limit=30)
+    (out_dir / "gpu_profile.txt").write_text(f"# {steps} eager MMFL-Net training steps, sorted by {key}\n{text}\n")
+    del model, step
+    release(s.device)
+    return {"steps": steps, "file": "gpu_profile.txt"}
 
 
 def measure_extract(s: Settings, which: str, gemm: float | None) -> dict[str, Any]:
@@ -297,13 +321,14 @@ def make_dataset(s: Settings, root: Path) -> Any:
     return prepare_data(cfg), cfg
 
 
-def jpeg_batches(s: Settings, data: Any, cfg: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """Endless (pinned images, labels, attributes) batches from the training pipeline."""
+def jpeg_batches(s: Settings, data: Any, cfg: Any) -> Iterator[Any]:
+    """Endless host-side batches (pinned images) from the training pipeline, as ``mmfl train`` builds them."""
     from torch.utils.data import DataLoader
 
     from mmfl.data.dataset import RecordDataset
     from mmfl.data.sampler import PKSampler
     from mmfl.data.transforms import train_transform
+    from mmfl.train.step import Batch
 
     inp = cfg.input
     dataset = RecordDataset(data.records, train_transform(s.size, inp.flip, inp.crop_scale_min, inp.color_jitter,
@@ -315,9 +340,22 @@ def jpeg_batches(s: Settings, data: Any, cfg: Any) -> Iterator[tuple[torch.Tenso
     epoch = 0
     while True:
         sampler.set_epoch(epoch)
-        for images, labels, _ in loader:
-            yield images, labels, data.attributes[labels] if data.attributes.shape[1] else None
+        for images, labels, index in loader:
+            attrs = data.attributes[labels] if data.attributes.shape[1] else None
+            yield Batch(images, labels, data.record_domains[index], attrs)
         epoch += 1
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """The trainer's host-to-device copy: non-blocking from pinned memory, uint8 -> float channels_last there."""
+    from mmfl.data.transforms import to_float_images
+    from mmfl.train.step import Batch
+
+    def move(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device, non_blocking=True)
+
+    images = to_float_images(batch.images.to(device, non_blocking=True), channels_last=True)
+    return Batch(images, move(batch.labels), move(batch.domains), move(batch.attributes))
 
 
 def measure_e2e(s: Settings) -> dict[str, Any]:
@@ -335,22 +373,14 @@ def measure_e2e(s: Settings) -> dict[str, Any]:
         loader_s, _ = timed_loop(lambda: next(batches), queued, s.steps, torch.device("cpu"))
         out: dict[str, Any] = {"loader/jpeg": {"images_per_s": s.batch / loader_s, "workers": s.workers,
                                                "train_images": len(data.records), "items": data.num_items}}
-        images, labels, attrs = next(batches)
+        resident = to_device(next(batches), s.device)
+        attrs = resident.attributes
         model, criterion, mcfg = build_mmfl(s, data.num_items, 0 if attrs is None else attrs.shape[1])
         model.train()
         step = mmfl_step(model, criterion, mcfg, s)
-        images = images.to(s.device).contiguous(memory_format=torch.channels_last)
-        labels, attrs = labels.to(s.device), None if attrs is None else attrs.to(s.device)
-        resident_s, _ = timed_loop(lambda: step(images, labels, attrs), s.warmup, s.steps, s.device)
-
-        def fed() -> None:
-            imgs, lbls, atts = next(batches)
-            imgs = imgs.to(s.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            atts = None if atts is None else atts.to(s.device, non_blocking=True)
-            step(imgs, lbls.to(s.device, non_blocking=True), atts)
-
+        resident_s, _ = timed_loop(lambda: step(resident), s.warmup, s.steps, s.device)
         drain()  # the queue filled up while the resident step ran
-        fed_s, _ = timed_loop(fed, s.warmup, s.steps, s.device)
+        fed_s, _ = timed_loop(lambda: step(to_device(next(batches), s.device)), s.warmup, s.steps, s.device)
         out["e2e/mmfl/resident"] = rate_record(s, resident_s, s.batch, None, None)
         out["e2e/mmfl/jpeg"] = rate_record(s, fed_s, s.batch, None, None, ratio_vs_resident=resident_s / fed_s,
                                            workers=s.workers)
@@ -380,17 +410,31 @@ def run_child(s: Settings, which: str, mode: str, gemm: float | None, timeout_s:
 # ---------------------------------------------------------------- driver
 
 
+def parse_compile_runs(text: str) -> tuple[tuple[str, str], ...]:
+    """``"mmfl:default,bare:default"`` -> (("mmfl", "default"), ("bare", "default"))."""
+    from mmfl.train.step import COMPILE_MODES
+
+    runs = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        which, _, mode = item.partition(":")
+        if which not in ("mmfl", "bare") or mode not in COMPILE_MODES:
+            raise SystemExit(f"--compile-runs: '{item}' is not MODEL:MODE with MODEL mmfl|bare and MODE one of "
+                             f"{', '.join(COMPILE_MODES)}")
+        runs.append((which, mode))
+    return tuple(runs)
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     cpus = os.cpu_count() or 1
     deadline = time.monotonic() + args.budget_s
     if args.smoke:
         return Settings(device, smoke=True, backbone="resnet18", size=64, p=2, k=2, warmup=0, steps=2,
-                        extract_batch=4, gemm_size=512, amp=False, workers=2, synth_items=12, compile_modes=(),
+                        extract_batch=4, gemm_size=512, amp=False, workers=2, synth_items=12, compile_runs=(),
                         num_items=50, deadline=deadline)
     return Settings(device, smoke=False, backbone="resnet50", size=320, p=16, k=4, warmup=5, steps=args.steps,
                     extract_batch=128, gemm_size=8192, amp=device.type == "cuda", workers=max(1, min(14, cpus - 2)),
-                    synth_items=args.synth_items, compile_modes=tuple(m for m in args.compile_modes.split(",") if m),
+                    synth_items=args.synth_items, compile_runs=parse_compile_runs(args.compile_runs),
                     num_items=NUM_ITEMS, deadline=deadline)
 
 
@@ -496,10 +540,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     p.add_argument("--steps", type=int, default=30, help="timed steps per measurement (default 30)")
     p.add_argument("--synth-items", type=int, default=300, help="items in the generated JPEG dataset (default 300)")
-    p.add_argument("--compile-modes", default="default,max-autotune-no-cudagraphs",
-                   help="torch.compile modes to try, in order (comma list; empty for none)")
+    p.add_argument("--compile-runs", default="mmfl:default,bare:default,mmfl:reduce-overhead",
+                   help="compiled training measurements, in order: MODEL:MODE comma list (MODEL mmfl|bare, "
+                        "MODE a torch.compile mode; empty for none)")
     p.add_argument("--compile-timeout-s", type=float, default=120.0, help="time-box per compiled measurement")
     p.add_argument("--budget-s", type=float, default=270.0, help="skip optional sections after this long")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"what to measure, comma list from {', '.join(SECTIONS)} (default all; the GEMM always runs)")
     p.add_argument("--child", nargs=3, metavar=("MODEL", "MODE", "RESULT"), help=argparse.SUPPRESS)
     p.add_argument("--gemm-tflops", type=float, default=0.0, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -538,7 +585,7 @@ def _run(args: argparse.Namespace, s: Settings, argv: list[str]) -> int:
         "settings": {"backbone": s.backbone, "size": s.size, "p": s.p, "k": s.k, "batch": s.batch, "amp": s.amp,
                      "warmup": s.warmup, "steps": s.steps, "extract_batch": s.extract_batch, "workers": s.workers,
                      "num_items": s.num_items, "num_attributes": NUM_ATTRIBUTES,
-                     "compile_modes": list(s.compile_modes)},
+                     "compile_runs": [f"{w}:{m}" for w, m in s.compile_runs]},
         "results": results,
     }
 
@@ -558,20 +605,26 @@ def _run(args: argparse.Namespace, s: Settings, argv: list[str]) -> int:
         report["gemm"] = {"error": f"{type(exc).__name__}: {exc}"}
     gemm = report["gemm"].get("tflops")
     save()
-    for which in ("mmfl", "bare"):
+    wanted = set(args.sections.split(","))
+    if not wanted <= set(SECTIONS):
+        raise SystemExit(f"--sections: unknown {sorted(wanted - set(SECTIONS))} (choose from {', '.join(SECTIONS)})")
+    for which in ("mmfl", "bare") if "train" in wanted else ():
         section(results, f"train/{which}/eager", lambda w=which: measure_train(s, w, gemm), s)
         save()
-    for which in ("mmfl", "bare"):
+    for which in ("mmfl", "bare") if "extract" in wanted else ():
         section(results, f"extract/{which}", lambda w=which: measure_extract(s, w, gemm), s)
         save()
-    section(results, "e2e", lambda: measure_e2e(s), s, needs_s=30, several=True)
-    save()
-    for mode in s.compile_modes:
-        for which in ("mmfl", "bare"):
-            timeout = min(args.compile_timeout_s, s.deadline - time.monotonic())
-            section(results, f"train/{which}/compile-{mode}",
-                    lambda w=which, m=mode, t=timeout: run_child(s, w, m, gemm, t, s.smoke), s, needs_s=45)
-            save()
+    if "e2e" in wanted:
+        section(results, "e2e", lambda: measure_e2e(s), s, needs_s=30, several=True)
+        save()
+    if "profile" in wanted:
+        section(results, "profile/mmfl/eager", lambda: profile_train(s, args.out), s, needs_s=15)
+        save()
+    for which, mode in s.compile_runs if "compile" in wanted else ():
+        timeout = min(args.compile_timeout_s, s.deadline - time.monotonic())
+        section(results, f"train/{which}/compile-{mode}",
+                lambda w=which, m=mode, t=timeout: run_child(s, w, m, gemm, t, s.smoke), s, needs_s=45)
+        save()
     print((args.out / "gpu_bench.md").read_text(), flush=True)
     log(f"wrote {args.out}/gpu_bench.json and gpu_bench.md in {report['total_s']:.0f}s")
     return 0

@@ -110,7 +110,9 @@ def test_gpu_bench_smoke_writes_json_and_table(gpu_bench: ModuleType, tmp_path: 
     expected = {"train/mmfl/eager", "train/bare/eager", "extract/mmfl", "extract/bare",
                 "loader/jpeg", "e2e/mmfl/resident", "e2e/mmfl/jpeg"}
     results = report["results"]
-    assert set(results) == expected
+    assert set(results) == expected | {"profile/mmfl/eager"}
+    profile = (tmp_path / results["profile/mmfl/eager"]["file"]).read_text()
+    assert "Self CPU" in profile and "aten::" in profile  # the op table of the eager training step
     for name in expected:
         assert "error" not in results[name], (name, results[name])
         assert results[name]["images_per_s"] > 0
@@ -127,3 +129,26 @@ def test_gpu_bench_smoke_writes_json_and_table(gpu_bench: ModuleType, tmp_path: 
                             "extract_images_per_s_mmfl_over_bare"}
     table = (tmp_path / "gpu_bench.md").read_text()
     assert "| train/mmfl/eager |" in table and "MFU" in table
+
+
+def test_gpu_bench_compile_runs_are_checked(gpu_bench: ModuleType) -> None:
+    assert gpu_bench.parse_compile_runs("mmfl:default, bare:reduce-overhead") == (
+        ("mmfl", "default"), ("bare", "reduce-overhead"))
+    assert gpu_bench.parse_compile_runs("") == ()
+    with pytest.raises(SystemExit, match="mmfl:fast"):
+        gpu_bench.parse_compile_runs("mmfl:fast")
+
+
+def test_augment_bench_reports_every_pipeline(tmp_path: Path) -> None:
+    augment = _load("augment")
+    out = tmp_path / "augment.json"
+    argv = sys.argv
+    sys.argv = ["augment.py", "--sizes", "48", "--items", "3", "--repeats", "1", "--json", str(out)]
+    try:
+        augment.main()
+    finally:
+        sys.argv = argv
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["size"] == 48 and row["images"] >= 6
+    assert set(row["images_per_s"]) == {"decode-only", "tensor-colorjitter", "pil-colorjitter", "affine-jitter"}
+    assert all(rate > 0 for rate in row["images_per_s"].values())

@@ -18,6 +18,7 @@ from mmfl.losses import (
     id_cross_entropy,
     improved_trihard,
     rescale_center_grads,
+    terms_to_floats,
 )
 
 try:
@@ -80,30 +81,80 @@ def test_batch_hard_uses_only_the_hardest_pair() -> None:
     assert closer.item() == pytest.approx(1.7 / 4, abs=1e-6)
 
 
+# Improved trihard case: item A = consumer 0, consumer 3, shop 1; item B = consumer 4, shop 6.
+# All pairs (m = 0.5): anchor 3 (A, consumer): hardest pos 0 (d 3), nearest neg 4 (d 1) -> 2.5;
+#   anchor 4 (B, consumer): pos 6 (d 2), nearest neg 3 (d 1) -> 1.5; the other three are inactive
+#   (0: 3-4+.5, 1: 2-3+.5, 6: 2-3+.5)                                       -> mean 4/5 = 0.8.
+# Cross-domain pairs only: 0: pos 1 (d 1) vs neg 6 (d 6); 3: pos 1 (d 2) vs neg 6 (d 3);
+#   1: pos 3 (d 2) vs neg 4 (d 3); 4: pos 6 (d 2) vs neg 1 (d 3); 6: pos 4 (d 2) vs neg 3 (d 3):
+#   every gap <= -0.5                                                         -> 0.
+# Both active all-pairs triplets come from the consumer photo at 3 sitting next to B's consumer
+# photo at 4: a confusion no consumer -> shop query sees, which the cross term ignores.
+X_DOMAINS = (0.0, 3.0, 1.0, 4.0, 6.0)
+X_LABELS = torch.tensor([0, 0, 0, 1, 1])
+X_SHOP = torch.tensor([0, 0, 1, 0, 1])
+
+
 def test_improved_trihard_value_by_hand() -> None:
-    m, t = 0.3, 1.0
-    # Mean off-diagonal distance s = 2*(1+3+6+2+5+3)/12 = 10/3, so softmax logits are d*0.3.
-    # Each anchor has one positive (weight 1); negatives are softmax(-0.3 d)-weighted.
-    pos = {0: 1.0, 1: 1.0, 3: 3.0, 6: 3.0}
-    neg = {0: [3.0, 6.0], 1: [2.0, 5.0], 3: [3.0, 2.0], 6: [6.0, 5.0]}
-    total = 0.0
-    for a in (0, 1, 3, 6):
-        w = [math.exp(-0.3 * d) for d in neg[a]]
-        soft_neg = sum(wi * d for wi, d in zip(w, neg[a])) / sum(w)
-        total += softplus(pos[a] - soft_neg + m)
-    loss = improved_trihard(line(0, 1, 3, 6), LABELS, margin=m, temperature=t)
-    assert loss.item() == pytest.approx(total / 4, abs=1e-5)
+    m = 0.5
+    assert batch_hard_triplet(line(*X_DOMAINS), X_LABELS, m).item() == pytest.approx(0.8, abs=1e-6)
+    for w, expected in ((0.0, 0.8), (0.5, 0.4), (0.25, 0.6), (1.0, 0.0)):
+        loss = improved_trihard(line(*X_DOMAINS), X_LABELS, X_SHOP, m, cross_weight=w)
+        assert loss.item() == pytest.approx(expected, abs=1e-6), w
 
 
-def test_improved_trihard_tends_to_soft_margin_batch_hard() -> None:
+def _naive_improved(x: torch.Tensor, labels: list[int], domains: list[int], m: float, w: float) -> float:
+    """Loop-by-loop reference: every anchor, every pair, no masking tricks."""
+    def term(cross: bool) -> float:
+        gaps = []
+        for a in range(len(labels)):
+            keep = [j for j in range(len(labels)) if j != a and (not cross or domains[j] != domains[a])]
+            pos = [float(torch.dist(x[a], x[j])) for j in keep if labels[j] == labels[a]]
+            neg = [float(torch.dist(x[a], x[j])) for j in keep if labels[j] != labels[a]]
+            if pos and neg:
+                gaps.append(max(0.0, max(pos) - min(neg) + m))
+        return sum(gaps) / len(gaps) if gaps else 0.0
+
+    return (1 - w) * term(False) + w * term(True)
+
+
+def test_improved_trihard_matches_a_naive_loop() -> None:
+    gen = torch.Generator().manual_seed(3)
+    feats = torch.randn(16, 6, generator=gen)
+    labels = torch.arange(4).repeat_interleave(4)
+    domains = torch.tensor([0, 0, 0, 1] * 3 + [0, 0, 0, 0])  # the last item has no shop photo in the batch
+    loss = improved_trihard(feats, labels, domains, 0.3, cross_weight=0.3)
+    assert loss.item() == pytest.approx(_naive_improved(feats, labels.tolist(), domains.tolist(), 0.3, 0.3),
+                                        abs=1e-5)
+
+
+def test_improved_trihard_is_batch_hard_on_single_domain_data() -> None:
     feats = torch.randn(12, 8)
     labels = torch.arange(4).repeat_interleave(3)
-    soft_bh = batch_hard_triplet(feats, labels, margin=0.3, soft_margin=True)
-    sharp = improved_trihard(feats, labels, margin=0.3, temperature=1e-4)
-    assert sharp.item() == pytest.approx(soft_bh.item(), abs=1e-5)
-    # and a warm temperature is genuinely different (it averages over several pairs)
-    warm = improved_trihard(feats, labels, margin=0.3, temperature=1.0)
-    assert abs(warm.item() - soft_bh.item()) > 1e-3
+    same = torch.zeros(12, dtype=torch.long)
+    assert improved_trihard(feats, labels, same, 0.3).item() == pytest.approx(
+        batch_hard_triplet(feats, labels, 0.3).item(), abs=1e-6)
+
+
+def test_improved_trihard_cross_term_sends_no_gradient_to_same_domain_confusions() -> None:
+    # With the cross term alone (w = 1) the consumer photo at 3, whose only active triplets were
+    # consumer-consumer ones, is pulled by nothing: every cross gap is inactive.
+    x = line(*X_DOMAINS)
+    improved_trihard(x, X_LABELS, X_SHOP, 0.5, cross_weight=1.0).backward()
+    assert torch.count_nonzero(x.grad) == 0
+    # Move B's shop photo next to A's (1 -> 1.5 vs 6): now A's consumer photos mine it as their
+    # nearest cross-domain negative, and it gets a gradient.
+    y = line(0.0, 3.0, 1.0, 4.0, 1.5)
+    improved_trihard(y, X_LABELS, X_SHOP, 0.5, cross_weight=1.0).backward()
+    assert y.grad[4].item() != 0.0
+
+
+def test_improved_trihard_rejects_bad_arguments() -> None:
+    feats = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="cross_weight"):
+        improved_trihard(feats, LABELS, torch.tensor([0, 1, 0, 1]), 0.3, cross_weight=1.5)
+    with pytest.raises(ValueError, match="domains"):
+        improved_trihard(feats, LABELS, torch.tensor([0, 1]), 0.3)
 
 
 def test_duplicate_features_give_finite_values_and_gradients() -> None:
@@ -111,8 +162,9 @@ def test_duplicate_features_give_finite_values_and_gradients() -> None:
     # rows 0,1 identical (same item), row 2 identical to row 3 of another item
     feats = torch.cat([base[:1], base[:1], base[1:2], base[1:2], base[2:]]).requires_grad_(True)
     labels = torch.tensor([0, 0, 0, 1, 1])
+    domains = torch.tensor([0, 1, 0, 1, 0])
     for loss in (
-        improved_trihard(feats, labels, 0.3, 0.1),
+        improved_trihard(feats, labels, domains, 0.3),
         batch_hard_triplet(feats, labels, 0.3),
         batch_hard_triplet(feats, labels, 0.3, soft_margin=True),
     ):
@@ -120,31 +172,18 @@ def test_duplicate_features_give_finite_values_and_gradients() -> None:
         loss.backward()
         assert math.isfinite(loss.item())
         assert torch.isfinite(feats.grad).all()
-    collapsed = torch.zeros(4, 3, requires_grad=True)  # every feature identical
-    loss = improved_trihard(collapsed, LABELS, 0.3, 0.1)
+    collapsed = torch.zeros(4, 3, requires_grad=True)  # every feature identical: every gap is the margin
+    loss = improved_trihard(collapsed, LABELS, torch.tensor([0, 1, 0, 1]), 0.3)
     loss.backward()
-    assert loss.item() == pytest.approx(softplus(0.3), abs=1e-5)
+    assert loss.item() == pytest.approx(0.3, abs=1e-5)
     assert torch.isfinite(collapsed.grad).all()
-
-
-def test_improved_trihard_gives_gradient_beyond_the_hardest_pair() -> None:
-    # A = {0, 1}, B = {3, 4}, C = {8} (a single image: never an anchor, only a negative).
-    # x=8 is nobody's nearest negative (A's is 3, B's is 1), so batch-hard leaves it untouched;
-    # the hardness-weighted negatives still push it away, a little.
-    labels = torch.tensor([0, 0, 1, 1, 2])
-    x = line(0, 1, 3, 4, 8)
-    batch_hard_triplet(x, labels, 0.3, soft_margin=True).backward()
-    assert x.grad[4].item() == 0.0
-    y = line(0, 1, 3, 4, 8)
-    improved_trihard(y, labels, 0.3, temperature=0.5).backward()
-    assert y.grad[4].item() != 0.0
-    assert abs(y.grad[4].item()) < abs(y.grad[2].item())  # the hardest negative still weighs most
 
 
 def test_anchors_without_positives_or_negatives() -> None:
     feats = torch.randn(3, 4, requires_grad=True)
     one_item = torch.tensor([5, 5, 5])  # no negatives anywhere
-    for loss in (batch_hard_triplet(feats, one_item, 0.3), improved_trihard(feats, one_item, 0.3, 0.1)):
+    domains = torch.tensor([0, 1, 0])
+    for loss in (batch_hard_triplet(feats, one_item, 0.3), improved_trihard(feats, one_item, domains, 0.3)):
         assert loss.item() == 0.0
         loss.backward()
         assert torch.isfinite(feats.grad).all()
@@ -153,9 +192,10 @@ def test_anchors_without_positives_or_negatives() -> None:
 def test_losses_stay_float32_under_bf16_autocast() -> None:
     feats = torch.randn(8, 16).to(torch.bfloat16)
     labels = torch.arange(4).repeat_interleave(2)
-    reference = improved_trihard(feats.float(), labels, 0.3, 0.1)
+    domains = torch.tensor([0, 1] * 4)
+    reference = improved_trihard(feats.float(), labels, domains, 0.3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = improved_trihard(feats, labels, 0.3, 0.1)
+        loss = improved_trihard(feats, labels, domains, 0.3)
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
 
@@ -165,11 +205,12 @@ def test_training_with_improved_trihard_reduces_the_loss() -> None:
     protos = torch.randn(items, 16)
     inputs = protos.repeat_interleave(per_item, 0) + 0.8 * torch.randn(items * per_item, 16)
     labels = torch.arange(items).repeat_interleave(per_item)
+    domains = torch.tensor([0, 0, 0, 1] * items)
     embed = torch.nn.Linear(16, 8)
     opt = torch.optim.Adam(embed.parameters(), lr=0.01)
     losses = []
     for _ in range(60):
-        loss = improved_trihard(embed(inputs), labels, margin=0.3, temperature=0.1)
+        loss = improved_trihard(embed(inputs), labels, domains, margin=0.3)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -256,7 +297,9 @@ def test_multitask_total_is_the_weighted_sum_of_the_terms() -> None:
         num_items=3, global_dim=6, id_weight=w["id"], triplet_weight=w["triplet"], center_weight=w["center"],
         attribute_weight=w["attr"], category_weight=w["cat"], triplet="batch_hard", margin=0.3,
     )
-    total, terms = crit(out, labels, attrs, cats)
+    total, tensors = crit(out, labels, attrs, cats)
+    assert all(t.ndim == 0 and not t.requires_grad for t in tensors.values())  # read later, in one sync
+    terms = terms_to_floats(tensors)
     assert set(terms) == {"id", "triplet", "center", "attr", "cat", "total"}
     assert total.item() == pytest.approx(sum(w[k] * terms[k] for k in w), rel=1e-6)
     assert terms["total"] == pytest.approx(total.item())
@@ -272,22 +315,66 @@ def test_multitask_total_is_the_weighted_sum_of_the_terms() -> None:
     assert all(f.grad is not None for f in out.features)
 
 
+def test_batched_triplets_equal_one_call_per_embedding() -> None:
+    gen = torch.Generator().manual_seed(7)
+    stacked = torch.randn(5, 12, 8, generator=gen, requires_grad=True)  # 5 embeddings of 12 images
+    labels = torch.arange(4).repeat_interleave(3)
+    domains = torch.tensor([0, 0, 1] * 4)
+    for fn in (lambda f: batch_hard_triplet(f, labels, 0.3),
+               lambda f: batch_hard_triplet(f, labels, 0.3, soft_margin=True),
+               lambda f: improved_trihard(f, labels, domains, 0.3, 0.4)):
+        batched = fn(stacked)
+        assert batched.shape == (5,)
+        one_by_one = torch.stack([fn(stacked[h]) for h in range(5)])
+        assert torch.allclose(batched, one_by_one, atol=1e-6)
+        grad_batched, = torch.autograd.grad(batched.sum(), stacked)
+        grad_loop, = torch.autograd.grad(one_by_one.sum(), stacked)
+        assert torch.allclose(grad_batched, grad_loop, atol=1e-6)
+
+
+def test_multitask_groups_mixed_widths_like_a_per_head_loop() -> None:
+    # widths 6, 4, 6, 4, 4: two batched triplet passes, one ID call, same values as a loop
+    out = _train_output(dims=(6, 4, 6, 4, 4))
+    labels = torch.arange(3).repeat_interleave(2)
+    domains = torch.tensor([0, 1] * 3)
+    crit = MultiTaskLoss(num_items=3, global_dim=6, center_weight=0.0, attribute_weight=0.0)
+    _, terms = crit(out, labels, domains=domains)
+    tris = [improved_trihard(f, labels, domains, 0.3).item() for f in out.features]
+    ids = [id_cross_entropy(lg, labels, 0.1).item() for lg in out.logits]
+    assert terms["triplet"].item() == pytest.approx(sum(tris) / 5, rel=1e-6)
+    assert terms["id"].item() == pytest.approx(sum(ids) / 5, rel=1e-6)
+
+
 def test_multitask_weight_zero_disables_a_term() -> None:
     out = _train_output()
     labels = torch.arange(3).repeat_interleave(2)
     attrs = torch.ones(6, 5, dtype=torch.int8)
+    domains = torch.tensor([0, 1] * 3)
     full = MultiTaskLoss(num_items=3, global_dim=6, center_weight=0.0)
     no_attr = MultiTaskLoss(num_items=3, global_dim=6, center_weight=0.0, attribute_weight=0.0)
-    t_full, terms_full = full(out, labels, attrs)
-    t_no, terms_no = no_attr(out, labels, attrs)
+    t_full, terms_full = full(out, labels, attrs, domains=domains)
+    t_no, terms_no = no_attr(out, labels, attrs, domains=domains)
     assert "center" not in terms_full and full.center_parameters() == []
     assert "cat" not in terms_full  # category weight defaults to 0
     assert "attr" not in terms_no
-    assert t_full.item() - t_no.item() == pytest.approx(terms_full["attr"], rel=1e-5)
+    assert t_full.item() - t_no.item() == pytest.approx(terms_full["attr"].item(), rel=1e-5)
     no_triplet = MultiTaskLoss(num_items=3, global_dim=6, center_weight=0.0, triplet_weight=0.0)
     assert "triplet" not in no_triplet(out, labels, attrs)[1]
     # absent inputs (no attribute labels in this dataset) skip the term rather than fail
-    assert "attr" not in full(out, labels, None)[1]
+    assert "attr" not in full(out, labels, None, domains=domains)[1]
+
+
+def test_multitask_improved_trihard_uses_the_domains() -> None:
+    out = _train_output()
+    labels = torch.arange(3).repeat_interleave(2)
+    domains = torch.tensor([0, 1] * 3)
+    crit = MultiTaskLoss(num_items=3, global_dim=6, center_weight=0.0, attribute_weight=0.0,
+                         cross_domain_weight=0.7)
+    _, terms = crit(out, labels, domains=domains)
+    expected = [improved_trihard(f, labels, domains, 0.3, 0.7).item() for f in out.features]
+    assert terms["triplet"].item() == pytest.approx(sum(expected) / len(expected), rel=1e-6)
+    with pytest.raises(ValueError, match="domain"):
+        crit(out, labels)
 
 
 def test_build_criterion_reads_the_config_and_center_grads_rescale() -> None:
@@ -315,7 +402,9 @@ def test_cuda_bf16_autocast_matches_cpu() -> None:
     attrs = torch.tensor([[1, -1, 0, 0, 1]] * 6, dtype=torch.int8)
     cats = torch.tensor([0, 0, 2, 2, -1, -1])
     crit = MultiTaskLoss(num_items=3, global_dim=6, category_weight=1.0)
-    _, cpu_terms = crit(out, labels, attrs, cats)
+    domains = torch.tensor([0, 1] * 3)
+    _, cpu_terms = crit(out, labels, attrs, cats, domains)
+    cpu_terms = terms_to_floats(cpu_terms)
     dev = torch.device("cuda")
     gpu_out = TrainOutput(
         features=[f.detach().to(dev).to(torch.bfloat16).requires_grad_() for f in out.features],
@@ -327,7 +416,8 @@ def test_cuda_bf16_autocast_matches_cpu() -> None:
     )
     crit.to(dev)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        total, gpu_terms = crit(gpu_out, labels.to(dev), attrs.to(dev), cats.to(dev))
+        total, gpu_terms = crit(gpu_out, labels.to(dev), attrs.to(dev), cats.to(dev), domains.to(dev))
+    gpu_terms = terms_to_floats(gpu_terms)
     assert total.dtype == torch.float32
     total.backward()
     assert all(torch.isfinite(f.grad).all() for f in gpu_out.features)

@@ -85,7 +85,7 @@ class LossConfig:
     triplet: Literal["none", "batch_hard", "improved"] = "improved"
     triplet_weight: float = 1.0
     margin: float = 0.3
-    hardness_temperature: float = 0.1  # improved trihard: softmax temperature over distances
+    cross_domain_weight: float = 0.5  # improved trihard: share of the consumer<->shop-only term
     center_weight: float = 5e-4  # 0 disables the center loss
     center_lr: float = 0.5
     attribute_weight: float = 1.0  # 0 disables the attribute BCE
@@ -109,6 +109,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on GPU; ignored on CPU
     channels_last: bool = True
     compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     deterministic: bool = False
     eval_every: int = 1  # epochs between validation runs; 0 disables validation
@@ -227,6 +228,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.fusion_levels: {cfg.model.fusion_levels} must be levels in 2..5")
     if not 0 <= cfg.model.freeze_stages <= 4:
         raise ConfigError("model.freeze_stages: must be in 0..4")
+    if not 0.0 <= cfg.loss.cross_domain_weight <= 1.0:
+        raise ConfigError(f"loss.cross_domain_weight: {cfg.loss.cross_domain_weight} must lie in [0, 1]")
 
 
 def parse_partition(text: str, key: str = "partition") -> tuple[int, int]:

@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 
 from mmfl.losses.center import CenterLoss, rescale_center_grads
 from mmfl.losses.classification import attribute_bce, category_cross_entropy, id_cross_entropy
-from mmfl.losses.multitask import MultiTaskLoss
+from mmfl.losses.multitask import MultiTaskLoss, terms_to_floats
 from mmfl.losses.triplet import batch_hard_triplet, improved_trihard, pairwise_distances
 
 if TYPE_CHECKING:
@@ -23,7 +23,7 @@ def build_criterion(cfg: Config, num_items: int, global_dim: int) -> MultiTaskLo
         triplet=lc.triplet,
         triplet_weight=lc.triplet_weight,
         margin=lc.margin,
-        hardness_temperature=lc.hardness_temperature,
+        cross_domain_weight=lc.cross_domain_weight,
         center_weight=lc.center_weight,
         attribute_weight=lc.attribute_weight,
         category_weight=lc.category_weight,
@@ -41,4 +41,5 @@ __all__ = [
     "improved_trihard",
     "pairwise_distances",
     "rescale_center_grads",
+    "terms_to_floats",
 ]

@@ -25,13 +25,15 @@ class MultiTaskLoss(nn.Module):
 
     * ``id``: label-smoothed cross-entropy, averaged over every embedding's ID logits (each
       branch and part gets its own classifier, as in MGN).
-    * ``triplet``: batch-hard or improved trihard, averaged over every pre-BN embedding.
+    * ``triplet``: batch-hard or improved trihard (which needs each image's domain), averaged
+      over every pre-BN embedding.
     * ``center``: center loss on the pre-BN global feature (one center per training item).
     * ``attr``: attribute BCE with unknown (0) labels masked out.
     * ``cat``: category cross-entropy, -1 = unknown.
 
-    ``forward`` returns the total and a dict of the *unweighted* terms plus ``total`` as floats
-    for logging (one host sync for all of them).
+    ``forward`` returns the total and a dict of the *unweighted* terms plus ``total`` as detached
+    0-d tensors: reading them is a device-to-host sync, so the trainer reads them one step late
+    (:func:`terms_to_floats`) and the GPU never waits for the logger.
     """
 
     def __init__(
@@ -43,7 +45,7 @@ class MultiTaskLoss(nn.Module):
         triplet: TripletKind = "improved",
         triplet_weight: float = 1.0,
         margin: float = 0.3,
-        hardness_temperature: float = 0.1,
+        cross_domain_weight: float = 0.5,
         center_weight: float = 5e-4,
         attribute_weight: float = 1.0,
         category_weight: float = 0.0,
@@ -56,7 +58,7 @@ class MultiTaskLoss(nn.Module):
         self.triplet = triplet if triplet_weight > 0 else "none"
         self.triplet_weight = triplet_weight
         self.margin = margin
-        self.hardness_temperature = hardness_temperature
+        self.cross_domain_weight = cross_domain_weight
         self.center_weight = center_weight
         self.attribute_weight = attribute_weight
         self.category_weight = category_weight
@@ -77,16 +79,18 @@ class MultiTaskLoss(nn.Module):
         labels: Tensor,
         attributes: Tensor | None = None,
         categories: Tensor | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
+        domains: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``domains``: 0 = consumer, 1 = shop per image (required by the improved trihard)."""
         terms: dict[str, Tensor] = {}
         weights: dict[str, float] = {}
         if self.id_weight > 0:
-            terms["id"] = torch.stack(
-                [id_cross_entropy(lg, labels, self.label_smoothing) for lg in out.logits]
-            ).mean()
+            terms["id"] = self._id_mean(out.logits, labels)
             weights["id"] = self.id_weight
         if self.triplet != "none":
-            terms["triplet"] = torch.stack([self._triplet(f, labels) for f in out.features]).mean()
+            if self.triplet == "improved" and domains is None:
+                raise ValueError("MultiTaskLoss: the improved trihard needs each image's domain (domains=...)")
+            terms["triplet"] = self._triplet_mean(out.features, labels, domains)
             weights["triplet"] = self.triplet_weight
         if self.center is not None:
             terms["center"] = self.center(out.global_feature, labels)
@@ -100,11 +104,36 @@ class MultiTaskLoss(nn.Module):
         if not terms:
             raise ValueError("MultiTaskLoss: every loss term is disabled or has no input")
         total = torch.stack([weights[k] * v for k, v in terms.items()]).sum()
-        values = torch.stack([v.detach() for v in terms.values()] + [total.detach()]).tolist()
-        logged = dict(zip([*terms, "total"], values))
+        logged = {k: v.detach() for k, v in terms.items()}
+        logged["total"] = total.detach()
         return total, logged
 
-    def _triplet(self, features: Tensor, labels: Tensor) -> Tensor:
-        if self.triplet == "batch_hard":
+    def _id_mean(self, logits: list[Tensor], labels: Tensor) -> Tensor:
+        """Mean ID cross-entropy over every classifier; classifiers of one class count share one call."""
+        groups = _by_last_dim(logits)
+        summed = [len(g) * id_cross_entropy(torch.cat(g), labels.repeat(len(g)), self.label_smoothing)
+                  for g in groups]
+        return torch.stack(summed).sum() / len(logits)
+
+    def _triplet_mean(self, features: list[Tensor], labels: Tensor, domains: Tensor | None) -> Tensor:
+        """Mean triplet loss over every embedding; embeddings of one width go through one batched pass."""
+        per_embedding = [self._triplet(torch.stack(g), labels, domains) for g in _by_last_dim(features)]
+        return torch.cat(per_embedding).mean()
+
+    def _triplet(self, features: Tensor, labels: Tensor, domains: Tensor | None) -> Tensor:
+        if self.triplet == "batch_hard" or domains is None:
             return batch_hard_triplet(features, labels, self.margin)
-        return improved_trihard(features, labels, self.margin, self.hardness_temperature)
+        return improved_trihard(features, labels, domains, self.margin, self.cross_domain_weight)
+
+
+def _by_last_dim(tensors: list[Tensor]) -> list[list[Tensor]]:
+    """``tensors`` grouped by their last dimension, in first-seen order (each group stacks or concatenates)."""
+    groups: dict[int, list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.shape[-1], []).append(t)
+    return list(groups.values())
+
+
+def terms_to_floats(terms: dict[str, Tensor]) -> dict[str, float]:
+    """The logged loss terms as floats, in one device-to-host copy."""
+    return dict(zip(terms, torch.stack(list(terms.values())).float().tolist()))

@@ -4,6 +4,11 @@ Both losses mine triplets inside a P x K batch: every sample is an anchor, its p
 other samples of the same item, its negatives the samples of other items. Distances are
 Euclidean on the (pre-BN) features, computed in float32 with autocast off, so a bf16 forward
 pass does not quantise the distances the margin is compared against.
+
+Features are ``(N, D)`` (one embedding; a scalar loss) or ``(H, N, D)``: H embeddings of the
+same width for the same N images, one loss each, shape ``(H,)``. The batched form computes
+exactly what H separate calls would, in one pass: MMFL-Net has 11 embeddings, and a per-head
+loop costs ~11x the kernel launches, which on a GPU is host time the step waits for.
 """
 from __future__ import annotations
 
@@ -18,11 +23,11 @@ _MIN_SQUARED_DISTANCE = 1e-12
 
 
 def pairwise_distances(features: Tensor) -> Tensor:
-    """(N, D) -> (N, N) Euclidean distances, float32, with finite gradients everywhere."""
+    """(..., N, D) -> (..., N, N) Euclidean distances, float32, with finite gradients everywhere."""
     with torch.autocast(device_type=features.device.type, enabled=False):
         x = features.float()
-        sq = x.pow(2).sum(dim=1)
-        d2 = sq.unsqueeze(1) + sq.unsqueeze(0) - 2.0 * (x @ x.t())
+        sq = x.pow(2).sum(dim=-1)
+        d2 = sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2.0 * (x @ x.transpose(-1, -2))
         return d2.clamp(min=_MIN_SQUARED_DISTANCE).sqrt()
 
 
@@ -37,12 +42,19 @@ def _pair_masks(labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _mean_over(per_anchor: Tensor, valid: Tensor) -> Tensor:
-    """Mean over the valid anchors; 0 (still in the graph) when there are none.
+    """(..., N) -> (...): mean over the valid anchors; 0 (still in the graph) when there are none.
 
     Masking instead of boolean indexing avoids a device-to-host sync on every step.
     """
     kept = torch.where(valid, per_anchor, torch.zeros_like(per_anchor))
-    return kept.sum() / valid.sum().clamp(min=1)
+    return kept.sum(dim=-1) / valid.sum().clamp(min=1)
+
+
+def _hardest_pair_gaps(dist: Tensor, pos: Tensor, neg: Tensor, margin: float) -> Tensor:
+    """Per anchor ``max_p d(a, p) - min_n d(a, n) + margin`` over the masked pairs (-inf when it has none)."""
+    hardest_pos = dist.masked_fill(~pos, float("-inf")).amax(dim=-1)
+    hardest_neg = dist.masked_fill(~neg, float("inf")).amin(dim=-1)
+    return hardest_pos - hardest_neg + margin
 
 
 def batch_hard_triplet(features: Tensor, labels: Tensor, margin: float, soft_margin: bool = False) -> Tensor:
@@ -54,58 +66,48 @@ def batch_hard_triplet(features: Tensor, labels: Tensor, margin: float, soft_mar
     """
     dist = pairwise_distances(features)
     pos, neg, valid = _pair_masks(labels)
-    hardest_pos = dist.masked_fill(~pos, float("-inf")).amax(dim=1)
-    hardest_neg = dist.masked_fill(~neg, float("inf")).amin(dim=1)
     # An anchor without a positive or a negative gets a gap of -inf, i.e. a loss of exactly 0.
-    gap = hardest_pos - hardest_neg + margin
+    gap = _hardest_pair_gaps(dist, pos, neg, margin)
     return _mean_over(F.softplus(gap) if soft_margin else F.relu(gap), valid)
 
 
-def improved_trihard(features: Tensor, labels: Tensor, margin: float, temperature: float) -> Tensor:
-    """Improved trihard: soft margin plus hardness-weighted positives and negatives.
+def improved_trihard(features: Tensor, labels: Tensor, domains: Tensor, margin: float,
+                     cross_weight: float = 0.5) -> Tensor:
+    """Improved trihard: batch-hard over all pairs plus batch-hard over cross-domain pairs only.
 
-    For anchor ``a`` with positive distances ``d_p`` and negative distances ``d_n``::
+    ``domains`` holds one id per sample (0 = consumer, 1 = shop). With ``w = cross_weight``::
 
-        pos_a = sum_p softmax_p( d_p / (T * s)) * d_p      # a soft "farthest positive"
-        neg_a = sum_n softmax_n(-d_n / (T * s)) * d_n      # a soft "nearest negative"
-        loss  = mean_a softplus(pos_a - neg_a + margin)
+        loss = (1 - w) * batch_hard(all pairs) + w * batch_hard(pairs whose two images differ in domain)
 
-    where ``T`` is ``temperature`` and ``s`` the batch's mean off-diagonal distance (no gradient).
+    What is improved over :func:`batch_hard_triplet`, and why: retrieval ranks *shop* images for
+    a *consumer* query, so the only distances the metric ever compares are consumer-to-shop ones.
+    Plain batch-hard mines over every pair, and in a P x K batch that mixes domains its hardest
+    positive for a street photo is usually another street photo of the item (two different
+    crops of a cluttered scene), and its hardest negative is often another street photo: the
+    gradient is spent on same-domain distances that no query ever uses. The cross-domain term
+    mines each anchor's hardest positive and hardest negative among images of the *other*
+    domain only, i.e. exactly the triplets the evaluation protocol scores (and, for a shop
+    anchor, the reverse ranking of consumer photos). The all-pairs term stays, weighted
+    ``1 - w``, because same-domain structure still regularises the space and it covers anchors
+    whose item has one domain in the batch. The hinge stays hard: on the real-photo benchmark a
+    soft margin with softmax-weighted pairs (our first "improved" variant) lost to plain
+    batch-hard (docs/RESULTS.md).
 
-    What is improved over :func:`batch_hard_triplet`, and why:
-
-    1. **Soft margin.** The hinge gives zero gradient once an anchor clears the margin, so easy
-       anchors stop shaping the space and the loss jumps between "on" and "off" as the hardest
-       pair changes. ``softplus`` is a smooth upper bound on the hinge that keeps a small,
-       decaying pull on satisfied triplets.
-    2. **Hardness-weighted positives/negatives.** Batch-hard sends each anchor's whole gradient to
-       one positive and one negative. In consumer-to-shop data the single hardest pair is often an
-       outlier (a bad crop, an occluded street photo), so the gradient is noisy and every other
-       hard pair gets nothing. A softmax over distances spreads the gradient over all positives
-       and negatives, most of it still to the hardest ones; ``temperature`` sets how sharply.
-       The weights are detached: they choose *which* pairs to learn from, they are not themselves
-       a quantity to optimise, so the gradient is exactly the weighted mean of pair gradients.
-    3. **Scale-free temperature.** Distances are divided by their batch mean before the softmax,
-       so the same ``temperature`` means the same sharpness whatever the feature norm (pre-BN
-       features grow during training and differ between backbones).
-
-    As ``temperature -> 0`` the weights become one-hot on the hardest pair and the loss equals
-    ``batch_hard_triplet(..., soft_margin=True)``; a large temperature averages all pairs.
+    An anchor without a cross-domain positive or negative is left out of the cross term's
+    mean; when no anchor has both (single-domain data), the loss is plain batch-hard.
+    ``cross_weight = 0`` gives :func:`batch_hard_triplet` exactly.
     """
-    if temperature <= 0:
-        raise ValueError(f"improved_trihard: temperature must be positive, got {temperature}")
+    if not 0.0 <= cross_weight <= 1.0:
+        raise ValueError(f"improved_trihard: cross_weight must lie in [0, 1], got {cross_weight}")
+    if domains.shape != labels.shape:
+        raise ValueError(f"improved_trihard: {tuple(domains.shape)} domains for {tuple(labels.shape)} labels")
     dist = pairwise_distances(features)
     pos, neg, valid = _pair_masks(labels)
-    n = len(labels)
-    eye = torch.eye(n, dtype=torch.bool, device=labels.device)
-    mean_dist = dist.detach().masked_fill(eye, 0.0).sum() / max(n * (n - 1), 1)
-    logits = dist.detach() / (temperature * mean_dist.clamp(min=_MIN_SQUARED_DISTANCE**0.5))
-    w_pos = torch.softmax(logits.masked_fill(~pos, float("-inf")), dim=1)
-    w_neg = torch.softmax((-logits).masked_fill(~neg, float("-inf")), dim=1)
-    # A row without any positive (or negative) is all -inf, and its softmax NaN; that anchor is
-    # dropped by ``valid``, but NaN would still leak through the sums, so zero those weights.
-    w_pos = torch.nan_to_num(w_pos, nan=0.0)
-    w_neg = torch.nan_to_num(w_neg, nan=0.0)
-    soft_pos = (w_pos * dist).sum(dim=1)
-    soft_neg = (w_neg * dist).sum(dim=1)
-    return _mean_over(F.softplus(soft_pos - soft_neg + margin), valid)
+    all_pairs = _mean_over(F.relu(_hardest_pair_gaps(dist, pos, neg, margin)), valid)
+    other = domains.unsqueeze(0) != domains.unsqueeze(1)
+    cross_pos, cross_neg = pos & other, neg & other
+    cross_valid = cross_pos.any(dim=1) & cross_neg.any(dim=1)
+    cross = _mean_over(F.relu(_hardest_pair_gaps(dist, cross_pos, cross_neg, margin)), cross_valid)
+    # Tensor arithmetic rather than ``if cross_valid.any()``: no device-to-host sync per step.
+    w = cross_weight * cross_valid.any().to(all_pairs.dtype)
+    return (1.0 - w) * all_pairs + w * cross

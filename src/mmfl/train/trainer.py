@@ -22,17 +22,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmfl.atomic import atomic_write_text
-from mmfl.atomic import atomic_write_text
 from mmfl.checkpoint import atomic_save, model_payload, read_checkpoint
 from mmfl.config import Config, config_to_dict, dump_config
 from mmfl.data.dataset import RecordDataset
 from mmfl.data.formats import read_dataset
 from mmfl.data.records import Catalog, Record
 from mmfl.data.sampler import PKSampler
-from mmfl.data.transforms import train_transform
+from mmfl.data.transforms import to_float_images, train_transform
 from mmfl.errors import MMFLError
-from mmfl.train.distributed import DistInfo, average_gradients, barrier, init_distributed, shutdown
+from mmfl.train.distributed import DistInfo, barrier, init_distributed, shutdown
 from mmfl.train.schedule import lr_multiplier
+from mmfl.train.step import Batch, TrainStep
 
 
 class TrainingError(MMFLError):
@@ -57,6 +57,7 @@ class TrainData:
     labels: dict[str, int]
     attributes: torch.Tensor  # (num_items, A) int8 in {1,-1,0}
     record_categories: torch.Tensor  # (N,) long, -1 unknown
+    record_domains: torch.Tensor  # (N,) long, 0 = consumer, 1 = shop
 
     @property
     def num_items(self) -> int:
@@ -79,7 +80,8 @@ def prepare_data(cfg: Config) -> TrainData:
     attributes = torch.from_numpy(catalog.attribute_matrix(items))
     cat_index = {name: i for i, name in enumerate(catalog.category_names)}
     record_categories = torch.tensor([cat_index.get(r.category or "", -1) for r in records], dtype=torch.long)
-    return TrainData(catalog, records, labels, attributes, record_categories)
+    record_domains = torch.tensor([int(r.domain == "shop") for r in records], dtype=torch.long)
+    return TrainData(catalog, records, labels, attributes, record_categories, record_domains)
 
 
 def train(cfg: Config, resume: bool = False, progress: bool = True) -> TrainResult:
@@ -92,7 +94,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> TrainResu
 
 
 def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: torch.device) -> TrainResult:
-    from mmfl.losses import build_criterion
+    from mmfl.losses import build_criterion, terms_to_floats
     from mmfl.models import build_model
 
     out = Path(cfg.output_dir)
@@ -122,7 +124,7 @@ def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: to
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
 
-    optimizer = _build_optimizer(cfg, model, device)
+    optimizer = build_optimizer(cfg, model, device)
     center_params = criterion.center_parameters()
     center_opt = torch.optim.SGD(center_params, lr=cfg.loss.center_lr) if center_params else None
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -164,8 +166,11 @@ def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: to
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False,
         )
-    if cfg.train.compile:
-        train_model = torch.compile(train_model)
+    train_step = TrainStep(
+        model, criterion, optimizer, center_opt, device=device, amp=cfg.train.amp, grad_clip=cfg.train.grad_clip,
+        forward_module=train_model, compile_mode=cfg.train.compile_mode if cfg.train.compile else None,
+        dist_info=info,
+    )
 
     if info.is_main:
         # A run killed after logging an epoch but before saving last.pt would log that epoch twice;
@@ -211,49 +216,48 @@ def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: to
         sums: dict[str, float] = {}
         seen, t0 = 0, time.perf_counter()
         bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.train.epochs}", progress and info.is_main)
-        for step, (images, labels, index) in enumerate(loader):
-            if step >= steps_per_epoch:
-                break
-            images = images.to(device, non_blocking=True)
-            if cfg.train.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            labels = labels.to(device, non_blocking=True)
-            attrs = data.attributes[labels.cpu()].to(device) if data.attributes.shape[1] else None
-            cats = data.record_categories[index].to(device) if meta["num_categories"] else None
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.amp and device.type == "cuda"):
-                output = train_model(images)
-            total, terms = criterion(output, labels, attrs, cats)
-            if not torch.isfinite(total):
+        pending: tuple[int, dict[str, torch.Tensor]] | None = None  # (step, its loss terms, not yet read)
+
+        def account(step: int, terms_on_device: dict[str, torch.Tensor]) -> None:
+            """Read one step's loss terms (a host sync), stop on a non-finite loss, log them."""
+            terms = terms_to_floats(terms_on_device)
+            step_no = epoch * steps_per_epoch + step + 1
+            if not math.isfinite(terms["total"]):
                 raise TrainingError(
-                    f"non-finite loss ({total.item()}) at epoch {epoch + 1} step {step + 1} "
-                    f"(global step {global_step + 1}); {last_path} keeps the last good state"
+                    f"non-finite loss ({terms['total']}) at epoch {epoch + 1} step {step + 1} "
+                    f"(global step {step_no}); {last_path} keeps the last good state"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            if center_opt is not None:
-                center_opt.zero_grad(set_to_none=True)
-            total.backward()
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.train.grad_clip)
-            optimizer.step()
-            if center_opt is not None:
-                average_gradients(center_params, info)
-                criterion.rescale_center_grads()
-                center_opt.step()
-            scheduler.step()
-            global_step += 1
-            seen += images.shape[0]
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                sums[k] = sums.get(k, 0.0) + v
             lr = optimizer.param_groups[0]["lr"]
-            rate = seen * info.world_size / max(1e-9, time.perf_counter() - t0)
             if bar is not None:
+                rate = seen * info.world_size / max(1e-9, time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{terms['total']:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
                 bar.update(1)
             if writer is not None:
-                writer.add_scalar("train/loss", terms["total"], global_step)
                 for k, v in terms.items():
-                    writer.add_scalar(f"train/{k}", float(v), global_step)
-                writer.add_scalar("train/lr", lr, global_step)
+                    writer.add_scalar("train/loss" if k == "total" else f"train/{k}", v, step_no)
+                writer.add_scalar("train/lr", lr, step_no)
+
+        for step, (images, labels, index) in enumerate(loader):
+            if step >= steps_per_epoch:
+                break
+            # Look-ups on the host (labels and indices arrive there), then one copy each.
+            attrs = data.attributes[labels].to(device, non_blocking=True) if data.attributes.shape[1] else None
+            cats = data.record_categories[index].to(device, non_blocking=True) if meta["num_categories"] else None
+            images = to_float_images(images.to(device, non_blocking=True), cfg.train.channels_last)
+            batch = Batch(images, labels.to(device, non_blocking=True),
+                          data.record_domains[index].to(device, non_blocking=True), attrs, cats)
+            terms_now = train_step(batch)
+            scheduler.step()
+            global_step += 1
+            seen += images.shape[0]
+            # This step's kernels are queued; reading the previous step's loss now costs no GPU idle time.
+            if pending is not None:
+                account(*pending)
+            pending = (step, terms_now)
+        if pending is not None:
+            account(*pending)
         if bar is not None:
             bar.close()
         steps_done = max(1, min(steps_per_epoch, len(sampler)))
@@ -307,7 +311,7 @@ def _num_categories(cfg: Config, data: TrainData) -> int:
     return len(data.catalog.category_names) if use else 0
 
 
-def _build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
     """No weight decay on norms and biases (1-D tensors); fused AdamW on CUDA."""
     decay, no_decay = [], []
     for p in model.parameters():
