@@ -7,18 +7,21 @@ compared with the same step on tensors already on the GPU; extraction with the b
 
 Measurements (each in try/except: one failure is an ``error`` entry, never a lost run):
 
-* ``train/{mmfl,bare}/eager``: the training step as ``mmfl train`` runs it (bf16 autocast around
-  the model, channels_last, the real multi-task criterion, fused AdamW, gradient clipping,
-  the center-loss SGD) vs a bare torchvision classifier (cross-entropy, fused AdamW), P x K images.
-* ``train/{mmfl,bare}/compile-<mode>``: the same with ``torch.compile`` on the model, in a child
-  process with a timeout (compilation can take minutes; it never blocks the rest).
+* ``train/{mmfl,bare}/eager``: the training step as ``mmfl train`` runs it (the trainer's own
+  :class:`mmfl.train.step.TrainStep`: bf16 autocast, channels_last, the multi-task criterion,
+  fused AdamW, gradient clipping, the center-loss SGD) vs a bare torchvision classifier
+  (cross-entropy, fused AdamW), P x K images.
+* ``train/{mmfl,bare}/compile-<mode>``: the same with ``torch.compile`` on forward + loss, in a
+  child process with a timeout (compilation can take minutes; it never blocks the rest).
 * ``extract/{mmfl,bare}``: eval-mode forward, bf16, channels_last, GPU-resident batch.
 * ``loader/jpeg``, ``e2e/mmfl/{resident,jpeg}``: a generated dataset (``mmfl synth``) read by the
-  training pipeline (reader, PKSampler, train transforms, DataLoader workers, pinned memory) vs
-  the same step on one batch kept on the GPU.
+  training pipeline (reader, PKSampler, train transforms, DataLoader workers, pinned memory,
+  uint8 batches scaled on the GPU) vs the same step on one batch kept on the GPU.
+* ``profile/mmfl/eager``: the profiler's operator table of a few eager steps (``gpu_profile.txt``).
 
-``--smoke`` runs everything tiny on CPU (resnet18, 64 px, 2 steps, no compile) so CI exercises
-the code. Writes ``gpu_bench.json`` and ``gpu_bench.md`` under ``--out``.
+``--sections`` picks some of them; ``--smoke`` runs everything tiny on CPU (resnet18, 64 px,
+2 steps, no compile) so CI exercises the code. Writes ``gpu_bench.json`` and ``gpu_bench.md``
+under ``--out``.
 """
 from __future__ import annotations
 

@@ -49,7 +49,8 @@ def model_info(preset: str, overrides: list[str], size: int | None, items: int, 
     with torch.no_grad(), counter:
         model(torch.rand(1, 3, size, size))
     branches = [
-        {"name": spec.name, "level": spec.level, "partition": spec.partition, "pooling": spec.pooling,
+        {"name": spec.name, "level": spec.level, "source": spec.source, "partition": spec.partition,
+         "pooling": spec.pooling,
          "embeddings": len(branch.names), "dim": spec.dim, "width": sum(branch.dims)}
         for spec, branch in zip(cfg.model.branches, model.branches)
     ]
@@ -72,6 +73,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"GFLOPs      {info['gflops']:.2f}")
     print(f"embed_dim   {info['embed_dim']}")
     for b in info["branches"]:
-        print(f"  {b['name']:<10} level {b['level']}  {b['partition']:<10} {b['pooling']:<4} "
+        print(f"  {b['name']:<10} level {b['level']} {b['source']:<8}  {b['partition']:<10} {b['pooling']:<4} "
               f"{b['embeddings']} x {b['dim']} = {b['width']}")
     return 0
