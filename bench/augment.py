@@ -11,8 +11,8 @@ flip, colour jitter, to float, random erasing), timed in one process and one thr
 * ``decode-only``: the PIL decode alone (``mmfl.data.images.load_crop``), the floor of all three.
 
 On the H100 (2026-11-28) 14 workers fed only 661 images/s at 320 px with the first pipeline,
-against 797 images/s for the MMFL-Net step (``docs/BENCHMARKS.md``); this is the per-worker rate
-behind that number. Prints a table and writes a JSON with ``--json``.
+against 797 images/s for the MMFL-Net step (``docs/BENCHMARKS.md``); this measures the per-worker
+rate behind that number. Prints a table and writes a JSON with ``--json``.
 
     python bench/augment.py --sizes 128,256,320
 """

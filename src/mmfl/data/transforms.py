@@ -3,8 +3,8 @@
 Evaluation is a deterministic resize (never a random crop at test time); training adds the
 usual re-ID augmentations, all configured from ``input.*``. Training transforms work on the PIL
 image until the last moment: crop, flip and colour jitter are C loops there, while torchvision's
-tensor ColorJitter (its hue step converts every pixel to HSV and back) cost 13 ms of a 20 ms
-image at 320 px on one core and starved the GPU (docs/BENCHMARKS.md, input pipeline).
+tensor ColorJitter (its hue step converts every pixel to HSV and back) made a 320 px image cost
+about 10 ms on one core and starved an H100 (docs/BENCHMARKS.md, "Training augmentation").
 """
 from __future__ import annotations
 
@@ -41,8 +41,9 @@ class ColorJitterAffine:
     Each of the four is linear in RGB (brightness scales; saturation blends with the luma grey;
     contrast blends with the image's mean grey, a constant; hue rotates the chroma plane of
     YIQ), so their composition, in a random order per image like torchvision's ColorJitter, is
-    a 3 x 4 matrix, and ``Image.convert("RGB", matrix)`` applies it in one pass over the pixels:
-    about 10x cheaper than the tensor version. Factors are drawn like torchvision's (uniform in
+    a 3 x 4 matrix, and ``Image.convert("RGB", matrix)`` applies it in one pass over the pixels
+    (a whole training image at 320 px costs 3x less than with the tensor version:
+    ``bench/augment.py``). Factors are drawn like torchvision's (uniform in
     ``[1 - x, 1 + x]``, hue in ``[-hue, hue]`` of a full turn). Two differences, by design:
     values are clipped to [0, 255] once at the end rather than after every step, and hue is a
     rotation of YIQ's chroma plane rather than an HSV shift: it keeps luma and chroma magnitude
