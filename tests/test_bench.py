@@ -152,3 +152,21 @@ def test_augment_bench_reports_every_pipeline(tmp_path: Path) -> None:
     assert row["size"] == 48 and row["images"] >= 6
     assert set(row["images_per_s"]) == {"decode-only", "tensor-colorjitter", "pil-colorjitter", "affine-jitter"}
     assert all(rate > 0 for rate in row["images_per_s"].values())
+
+
+def test_step_ops_batched_loss_launches_fewer_operators(tmp_path: Path) -> None:
+    step_ops = _load("step_ops")
+    out = tmp_path / "ops.json"
+    argv = sys.argv
+    sys.argv = ["step_ops.py", "--backbone", "resnet18", "--size", "32", "--items", "20", "--repeats", "1",
+                "--json", str(out)]
+    try:
+        step_ops.main()
+    finally:
+        sys.argv = argv
+    rows = json.loads(out.read_text())["rows"]
+    loop, batched = rows["per-head loop"]["ops"], rows["batched"]["ops"]
+    assert batched["forward"] == loop["forward"]  # same model
+    # 11 embeddings of 2 widths: two batched triplet passes and one ID call instead of eleven each
+    assert batched["loss"] * 3 < loop["loss"]
+    assert batched["backward"] < loop["backward"]
