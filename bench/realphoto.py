@@ -163,7 +163,7 @@ def run_trained(variant: str, seed: int, s: dict[str, Any], data_root: Path, wor
     """Train one variant with one seed and evaluate it on the validation split (reusing a finished run)."""
     from mmfl.checkpoint import load_model
     from mmfl.config import config_to_dict
-    from mmfl.evaluate import evaluate
+    from mmfl.evaluate import run_evaluation
     from mmfl.train import train
 
     preset, extra = VARIANTS[variant]
@@ -182,8 +182,8 @@ def run_trained(variant: str, seed: int, s: dict[str, Any], data_root: Path, wor
     train_s = time.perf_counter() - t0
     model = load_model(result.last_checkpoint, device=s["device"])
     t1 = time.perf_counter()
-    metrics = evaluate(model, catalog, split="val", size=s["size"], device=s["device"],
-                       num_workers=s["num_workers"], progress=progress)
+    metrics = run_evaluation(model, catalog, split="val", size=s["size"], device=s["device"],
+                             num_workers=s["num_workers"], progress=progress).metrics
     epochs = [h for h in result.history if h.get("kind") == "epoch"]
     row = {
         "variant": variant, "seed": seed, **_scores(metrics),
@@ -202,7 +202,7 @@ def run_imagenet_only(s: dict[str, Any], data_root: Path, catalog: Any, progress
     import torch
     import torch.nn.functional as F
 
-    from mmfl.evaluate import evaluate
+    from mmfl.evaluate import run_evaluation
     from mmfl.models import build_model
 
     # last_stride=2: the backbone exactly as ImageNet trained it.
@@ -224,8 +224,8 @@ def run_imagenet_only(s: dict[str, Any], data_root: Path, catalog: Any, progress
 
     model = PooledBackbone().to(s["device"]).eval()
     t0 = time.perf_counter()
-    metrics = evaluate(model, catalog, split="val", size=s["size"], device=s["device"],
-                       num_workers=s["num_workers"], progress=progress)
+    metrics = run_evaluation(model, catalog, split="val", size=s["size"], device=s["device"],
+                             num_workers=s["num_workers"], progress=progress).metrics
     return {"variant": "imagenet-only", "seed": None, **_scores(metrics), "train_minutes": 0.0,
             "eval_minutes": round((time.perf_counter() - t0) / 60, 3), "epochs": 0, "embed_dim": model.embed_dim,
             "overrides": []}

@@ -16,7 +16,7 @@ from mmfl.config import config_to_dict, load_config
 from mmfl.data.records import Catalog, Record
 from mmfl.data.transforms import eval_transform
 from mmfl.errors import DataError
-from mmfl.evaluate import evaluate, run_evaluation
+from mmfl.evaluate import run_evaluation
 from mmfl.extract import extract_features
 from mmfl.models import build_model
 from mmfl.plots import plot_cmc, plot_ranked_grid
@@ -143,8 +143,8 @@ def test_evaluate_tiny_catalog(model, dataset) -> None:
 
 def test_gallery_splits_flip_and_rerank_are_recorded(model, dataset) -> None:
     catalog = catalog_of(dataset[1])
-    m = evaluate(model, catalog, split="test", gallery_splits=["test", "val"], size=SIZE, flip=True,
-                 rerank=True, progress=False)
+    m = run_evaluation(model, catalog, split="test", gallery_splits=["test", "val"], size=SIZE, flip=True,
+                       rerank=True, progress=False).metrics
     assert m["num_gallery"] == 8 and m["gallery_splits"] == ["test", "val"]
     assert m["flip"] is True and m["rerank"] is True
     assert all(0.0 <= m[k] <= 1.0 for k in ("top1", "mAP"))
@@ -162,7 +162,7 @@ def test_top_ranked_agrees_with_the_metrics(model, dataset, rerank: bool) -> Non
 
 
 def test_within_category_searches_own_category_gallery(model, dataset) -> None:
-    m = evaluate(model, catalog_of(dataset[1]), size=SIZE, within_category=True, progress=False)
+    m = run_evaluation(model, catalog_of(dataset[1]), size=SIZE, within_category=True, progress=False).metrics
     assert m["within_category"] is True
     assert m["per_category"]["upper"]["num_gallery"] == 4 and m["per_category"]["lower"]["num_gallery"] == 3
     assert m["per_category"]["upper"]["top1"] == 1.0
@@ -171,9 +171,9 @@ def test_within_category_searches_own_category_gallery(model, dataset) -> None:
 def test_wrong_split_names_are_data_errors(model, dataset) -> None:
     catalog = catalog_of(dataset[1])
     with pytest.raises(DataError, match="split 'validation' has no consumer"):
-        evaluate(model, catalog, split="validation", size=SIZE, progress=False)
+        run_evaluation(model, catalog, split="validation", size=SIZE, progress=False)
     with pytest.raises(DataError, match="no consumer image of split 'train' has a shop image"):
-        evaluate(model, catalog, split="train", gallery_splits=["val"], size=SIZE, progress=False)
+        run_evaluation(model, catalog, split="train", gallery_splits=["val"], size=SIZE, progress=False)
 
 
 def test_plots_write_pngs(tmp_path: Path, dataset) -> None:
@@ -211,7 +211,7 @@ def test_cli_eval_writes_json_and_plots(model, dataset, tmp_path: Path, capsys) 
     assert rc == 0
     result = json.loads(out.read_text())
     assert METRIC_KEYS <= set(result)
-    expected = evaluate(model, catalog_of(rows), size=SIZE, progress=False)
+    expected = run_evaluation(model, catalog_of(rows), size=SIZE, progress=False).metrics
     for key in METRIC_KEYS:
         assert result[key] == pytest.approx(expected[key], abs=1e-6)
     assert set(result["per_category"]) == {"lower", "upper"}

@@ -16,7 +16,7 @@ import torch
 from mmfl.checkpoint import load_model, read_checkpoint
 from mmfl.config import load_config
 from mmfl.data.formats import read_dataset
-from mmfl.evaluate import evaluate
+from mmfl.evaluate import run_evaluation
 from mmfl.synth import generate
 from mmfl.train import train
 
@@ -55,8 +55,8 @@ def test_training_beats_untrained(synth96: Path, tmp_path: Path) -> None:
     for name, epochs in (("untrained", 0), ("trained", 5)):
         cfg = load_config("global", [*common, f"output_dir={tmp_path / name}", f"train.epochs={epochs}"])
         result = train(cfg, progress=False)
-        scores[name] = evaluate(load_model(result.last_checkpoint), catalog, split="val",
-                                gallery_splits=["train", "val", "test"], progress=False)
+        scores[name] = run_evaluation(load_model(result.last_checkpoint), catalog, split="val",
+                                      gallery_splits=["train", "val", "test"], progress=False).metrics
     before, after = scores["untrained"], scores["trained"]
     assert before["num_gallery"] >= 80 and before["num_queries"] >= 20
     # Stated margins (measured here: top-10 0.59 -> 0.96, top-20 0.89 -> 1.00, mAP 0.33 -> 0.47).

@@ -72,32 +72,6 @@ class Evaluation:
         return curves
 
 
-def evaluate(
-    model: torch.nn.Module,
-    catalog: Catalog,
-    split: str = "test",
-    gallery_splits: Sequence[str] | None = None,
-    size: int | None = None,
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-    flip: bool = False,
-    rerank: bool = False,
-    num_workers: int = 0,
-    progress: bool = True,
-    within_category: bool = False,
-) -> dict:
-    """Top-k hit rates, mAP and counts (plus ``per_category`` when queries have categories).
-
-    The dict also records ``split``, ``gallery_splits``, ``flip``, ``rerank``,
-    ``within_category`` and ``size``. See
-    :func:`run_evaluation` for the arguments and for the ranked lists behind the numbers.
-    """
-    return run_evaluation(
-        model, catalog, split, gallery_splits, size, batch_size, device, flip, rerank, num_workers, progress,
-        within_category,
-    ).metrics
-
-
 def run_evaluation(
     model: torch.nn.Module,
     catalog: Catalog,

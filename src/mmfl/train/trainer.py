@@ -296,13 +296,13 @@ def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: to
 
 def validate(model: torch.nn.Module, catalog: Catalog, cfg: Config, device: torch.device) -> dict[str, Any] | None:
     """Top-k/mAP on the validation split (None when the split has no queries or gallery)."""
-    from mmfl.evaluate import evaluate
+    from mmfl.evaluate import run_evaluation
 
     queries, gallery = catalog.split(cfg.data.val_split, "consumer"), catalog.split(cfg.data.val_split, "shop")
     if not {r.item_id for r in queries} & {r.item_id for r in gallery}:
         return None
-    result = evaluate(model.eval(), catalog, split=cfg.data.val_split, size=cfg.input.size,
-                      batch_size=cfg.eval.batch_size, device=device, num_workers=cfg.data.num_workers)
+    result = run_evaluation(model.eval(), catalog, split=cfg.data.val_split, size=cfg.input.size,
+                            batch_size=cfg.eval.batch_size, device=device, num_workers=cfg.data.num_workers).metrics
     return {k: result[k] for k in ("top1", "top5", "top10", "top20", "top50", "mAP", "num_queries", "num_gallery")}
 
 
