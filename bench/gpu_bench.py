@@ -349,18 +349,6 @@ def jpeg_batches(s: Settings, data: Any, cfg: Any) -> Iterator[Any]:
         epoch += 1
 
 
-def to_device(batch: Any, device: torch.device) -> Any:
-    """The trainer's host-to-device copy: non-blocking from pinned memory, uint8 -> float channels_last there."""
-    from mmfl.data.transforms import to_float_images
-    from mmfl.train.step import Batch
-
-    def move(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.to(device, non_blocking=True)
-
-    images = to_float_images(batch.images.to(device, non_blocking=True), channels_last=True)
-    return Batch(images, move(batch.labels), move(batch.domains), move(batch.attributes))
-
-
 def measure_e2e(s: Settings) -> dict[str, Any]:
     """Loader alone, the step on one resident batch, and the step fed by the loader: the ratio."""
     root = Path(tempfile.mkdtemp(prefix="mmfl-gpu-bench-")) / "synth"
@@ -376,14 +364,14 @@ def measure_e2e(s: Settings) -> dict[str, Any]:
         loader_s, _ = timed_loop(lambda: next(batches), queued, s.steps, torch.device("cpu"))
         out: dict[str, Any] = {"loader/jpeg": {"images_per_s": s.batch / loader_s, "workers": s.workers,
                                                "train_images": len(data.records), "items": data.num_items}}
-        resident = to_device(next(batches), s.device)
+        resident = next(batches).to(s.device, channels_last=True)
         attrs = resident.attributes
         model, criterion, mcfg = build_mmfl(s, data.num_items, 0 if attrs is None else attrs.shape[1])
         model.train()
         step = mmfl_step(model, criterion, mcfg, s)
         resident_s, _ = timed_loop(lambda: step(resident), s.warmup, s.steps, s.device)
         drain()  # the queue filled up while the resident step ran
-        fed_s, _ = timed_loop(lambda: step(to_device(next(batches), s.device)), s.warmup, s.steps, s.device)
+        fed_s, _ = timed_loop(lambda: step(next(batches).to(s.device, channels_last=True)), s.warmup, s.steps, s.device)
         out["e2e/mmfl/resident"] = rate_record(s, resident_s, s.batch, None, None)
         out["e2e/mmfl/jpeg"] = rate_record(s, fed_s, s.batch, None, None, ratio_vs_resident=resident_s / fed_s,
                                            workers=s.workers)

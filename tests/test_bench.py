@@ -26,6 +26,16 @@ def _load(name: str) -> ModuleType:
     return module
 
 
+def _run_main(name: str, argv: list[str]) -> None:
+    """Run a bench script's argparse ``main()`` with ``argv`` as its command line."""
+    saved = sys.argv
+    sys.argv = [f"{name}.py", *argv]
+    try:
+        _load(name).main()
+    finally:
+        sys.argv = saved
+
+
 @pytest.fixture(scope="module")
 def search() -> ModuleType:
     return _load("search")
@@ -140,14 +150,8 @@ def test_gpu_bench_compile_runs_are_checked(gpu_bench: ModuleType) -> None:
 
 
 def test_augment_bench_reports_every_pipeline(tmp_path: Path) -> None:
-    augment = _load("augment")
     out = tmp_path / "augment.json"
-    argv = sys.argv
-    sys.argv = ["augment.py", "--sizes", "48", "--items", "3", "--repeats", "1", "--json", str(out)]
-    try:
-        augment.main()
-    finally:
-        sys.argv = argv
+    _run_main("augment", ["--sizes", "48", "--items", "3", "--repeats", "1", "--json", str(out)])
     (row,) = json.loads(out.read_text())["rows"]
     assert row["size"] == 48 and row["images"] >= 6
     assert set(row["images_per_s"]) == {"decode-only", "tensor-colorjitter", "pil-colorjitter", "affine-jitter"}
@@ -155,15 +159,9 @@ def test_augment_bench_reports_every_pipeline(tmp_path: Path) -> None:
 
 
 def test_step_ops_batched_loss_launches_fewer_operators(tmp_path: Path) -> None:
-    step_ops = _load("step_ops")
     out = tmp_path / "ops.json"
-    argv = sys.argv
-    sys.argv = ["step_ops.py", "--backbone", "resnet18", "--size", "32", "--items", "20", "--repeats", "1",
-                "--json", str(out)]
-    try:
-        step_ops.main()
-    finally:
-        sys.argv = argv
+    _run_main("step_ops", ["--backbone", "resnet18", "--size", "32", "--items", "20", "--repeats", "1",
+                           "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
     loop, batched = rows["per-head loop"]["ops"], rows["batched"]["ops"]
     assert batched["forward"] == loop["forward"]  # same model

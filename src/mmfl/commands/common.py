@@ -17,6 +17,13 @@ def add_config_args(parser: argparse.ArgumentParser, default: str = "mmfl") -> N
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=3")
 
 
+def add_extraction_args(parser: argparse.ArgumentParser) -> None:
+    """``--batch-size``, ``--device`` and ``--workers`` of the commands that embed a whole split."""
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--workers", type=int, default=2, help="image decoding processes (default: 2)")
+
+
 def resolve_device(name: str = "auto") -> "torch.device":
     """``auto`` picks CUDA when present, else CPU; anything else is passed to torch."""
     import torch

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import get_args, get_type_hints
 
+from mmfl.commands.common import add_extraction_args
 from mmfl.config import DataConfig
 
 FORMATS = list(get_args(get_type_hints(DataConfig)["format"]))
@@ -35,9 +36,7 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
     p.add_argument("--plots", metavar="DIR", help="write cmc.png and ranked.png to DIR")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--workers", type=int, default=2, help="image decoding workers (default: 2)")
+    add_extraction_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mmfl.commands.common import add_extraction_args
+
 
 def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
     parser = subparsers.add_parser(name, help=help_text, description=help_text + ".")
@@ -22,9 +24,7 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     parser.add_argument("--add", action="store_true",
                         help="append to the existing index (same checkpoint); images already indexed are skipped")
     parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images/annotations instead of failing")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    parser.add_argument("--workers", type=int, default=2, help="image decoding processes (default 2)")
+    add_extraction_args(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 

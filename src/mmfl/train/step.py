@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from mmfl.data.transforms import to_float_images
 from mmfl.train.distributed import DistInfo, average_gradients
 
 #: ``torch.compile`` modes the trainer accepts (``train.compile_mode``).
@@ -22,13 +23,21 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 @dataclass
 class Batch:
-    """One P x K batch on the training device."""
+    """One P x K batch: built on the host by the loader, moved with :meth:`to`."""
 
     images: Tensor
     labels: Tensor
     domains: Tensor  # 0 = consumer, 1 = shop
     attributes: Tensor | None = None
     categories: Tensor | None = None
+
+    def to(self, device: torch.device, channels_last: bool = False) -> Batch:
+        """The batch on ``device`` (non-blocking from pinned memory); uint8 images become float in [0, 1] there."""
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        images = to_float_images(self.images.to(device, non_blocking=True), channels_last)
+        return Batch(images, move(self.labels), move(self.domains), move(self.attributes), move(self.categories))
 
 
 class TrainStep:

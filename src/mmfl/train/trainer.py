@@ -28,7 +28,7 @@ from mmfl.data.dataset import RecordDataset
 from mmfl.data.formats import read_dataset
 from mmfl.data.records import Catalog, Record
 from mmfl.data.sampler import PKSampler
-from mmfl.data.transforms import to_float_images, train_transform
+from mmfl.data.transforms import train_transform
 from mmfl.errors import MMFLError
 from mmfl.train.distributed import DistInfo, barrier, init_distributed, shutdown
 from mmfl.train.schedule import lr_multiplier
@@ -243,11 +243,9 @@ def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: to
             if step >= steps_per_epoch:
                 break
             # Look-ups on the host (labels and indices arrive there), then one copy each.
-            attrs = data.attributes[labels].to(device, non_blocking=True) if data.attributes.shape[1] else None
-            cats = data.record_categories[index].to(device, non_blocking=True) if meta["num_categories"] else None
-            images = to_float_images(images.to(device, non_blocking=True), cfg.train.channels_last)
-            batch = Batch(images, labels.to(device, non_blocking=True),
-                          data.record_domains[index].to(device, non_blocking=True), attrs, cats)
+            attrs = data.attributes[labels] if data.attributes.shape[1] else None
+            cats = data.record_categories[index] if meta["num_categories"] else None
+            batch = Batch(images, labels, data.record_domains[index], attrs, cats).to(device, cfg.train.channels_last)
             terms_now = train_step(batch)
             scheduler.step()
             global_step += 1
