@@ -11,12 +11,18 @@ Measurements (each in try/except: one failure is an ``error`` entry, never a los
   :class:`mmfl.train.step.TrainStep`: bf16 autocast, channels_last, the multi-task criterion,
   fused AdamW, gradient clipping, the center-loss SGD) vs a bare torchvision classifier
   (cross-entropy, fused AdamW), P x K images.
-* ``train/{mmfl,bare}/compile-<mode>``: the same with ``torch.compile`` on forward + loss, in a
-  child process with a timeout (compilation can take minutes; it never blocks the rest).
+* ``train/{mmfl,bare}/graph`` (CUDA only): the same step replayed as one CUDA graph
+  (``train.cuda_graph``, :mod:`mmfl.train.cuda_graph`); ``graph/parity`` first checks that six
+  graphed steps (three eager warm-ups, the capture, two replays with a changed learning rate)
+  give the eager step's losses and weights from the same initial state.
+* ``train/{mmfl,bare}/compile-<mode>[+graph]``: the same with ``torch.compile`` on forward + loss
+  (and the whole step graphed), in a child process with a timeout (compilation can take
+  minutes; it never blocks the rest).
 * ``extract/{mmfl,bare}``: eval-mode forward, bf16, channels_last, GPU-resident batch.
 * ``loader/jpeg``, ``e2e/mmfl/{resident,jpeg}``: a generated dataset (``mmfl synth``) read by the
   training pipeline (reader, PKSampler, train transforms, DataLoader workers, pinned memory,
-  uint8 batches scaled on the GPU) vs the same step on one batch kept on the GPU.
+  uint8 batches scaled on the GPU) vs the same step on one batch kept on the GPU; on a GPU the
+  step is the graphed one (the fastest eager-built step, so the hardest to feed).
 * ``profile/mmfl/eager``: the profiler's operator table of a few eager steps (``gpu_profile.txt``).
 
 ``--sections`` picks some of them; ``--smoke`` runs everything tiny on CPU (resnet18, 64 px,
@@ -50,6 +56,7 @@ REFERENCE = {  # H100, 2026-11-27, issue 8
 }
 TARGETS = {"mmfl_train_mfu": 0.25, "e2e_over_resident": 0.9}
 SECTIONS = ("train", "extract", "e2e", "profile", "compile")
+PARITY_STEPS = 6  # graph/parity: 3 eager warm-ups, the capture + replay, 2 replays (lr changed before the last)
 NUM_ITEMS = 5000  # ID classes of the bench model (DeepFashion C2S has ~14k training items; cost is negligible)
 NUM_ATTRIBUTES = 303  # DeepFashion's per-item attributes
 PREFETCH = 2  # DataLoader prefetch_factor (batches per worker held ready)
@@ -141,7 +148,7 @@ def random_attributes(n: int, device: torch.device) -> torch.Tensor:
 
 
 def mmfl_step(model: torch.nn.Module, criterion: Any, cfg: Any, s: Settings,
-              compile_mode: str | None = None) -> Any:
+              compile_mode: str | None = None, cuda_graph: bool = False) -> Any:
     """The trainer's own step (:class:`mmfl.train.step.TrainStep`) with the trainer's optimizers."""
     from mmfl.train.step import TrainStep
     from mmfl.train.trainer import build_optimizer
@@ -149,33 +156,39 @@ def mmfl_step(model: torch.nn.Module, criterion: Any, cfg: Any, s: Settings,
     centers = criterion.center_parameters()
     center_opt = torch.optim.SGD(centers, lr=cfg.loss.center_lr) if centers else None
     return TrainStep(model, criterion, build_optimizer(cfg, model, s.device), center_opt, device=s.device,
-                     amp=s.amp, grad_clip=cfg.train.grad_clip, compile_mode=compile_mode)
+                     amp=s.amp, grad_clip=cfg.train.grad_clip, compile_mode=compile_mode, cuda_graph=cuda_graph)
 
 
-def bare_step(model: torch.nn.Module, s: Settings, compile_mode: str | None = None) -> Callable[[Any], None]:
-    """The reference: a torchvision classifier, cross-entropy, fused AdamW; compiled like MMFL-Net (forward + loss)."""
+def bare_step(model: torch.nn.Module, s: Settings, compile_mode: str | None = None,
+              cuda_graph: bool = False) -> Callable[[Any], Any]:
+    """The reference: a torchvision classifier, cross-entropy, fused AdamW; compiled and graphed like MMFL-Net."""
+    from mmfl.train.cuda_graph import CapturedStep
+    from mmfl.train.step import GRAPH_COMPILE_MODES
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=3.5e-4, fused=s.device.type == "cuda")
 
     def forward_loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.amp):
+        with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.amp, cache_enabled=not cuda_graph):
             return torch.nn.functional.cross_entropy(model(images), labels)
 
     run = torch.compile(forward_loss, mode=compile_mode) if compile_mode else forward_loss
-    cudagraphs = compile_mode in ("reduce-overhead", "max-autotune") and s.device.type == "cuda"
+    cudagraphs = compile_mode in GRAPH_COMPILE_MODES and s.device.type == "cuda"
 
-    def step(batch: Any) -> None:
+    def update(images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         if cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
-        loss = run(batch.images, batch.labels)
+        loss = run(images, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        return {"total": loss.detach()}
 
-    return step
+    graph = CapturedStep(update, s.device, scheduled=[optimizer]) if cuda_graph else None
+    return lambda batch: (graph or update)(batch.images, batch.labels)
 
 
-def resident_batch(s: Settings, batch: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
+def resident_batch(s: Settings, batch: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
     images = torch.rand(batch, 3, s.size, s.size, generator=gen).to(s.device)
     return images.contiguous(memory_format=torch.channels_last)
 
@@ -240,13 +253,14 @@ def measure_gemm(s: Settings) -> dict[str, Any]:
     return {"dtype": str(dtype).replace("torch.", ""), "size": n, "tflops": 2 * n**3 / seconds / 1e12}
 
 
-def resident_train_batch(s: Settings) -> Any:
+def resident_train_batch(s: Settings, seed: int = 0) -> Any:
     from mmfl.train.step import Batch
 
-    return Batch(resident_batch(s, s.batch), pk_labels(s), pk_domains(s), random_attributes(s.batch, s.device))
+    return Batch(resident_batch(s, s.batch, seed), pk_labels(s), pk_domains(s), random_attributes(s.batch, s.device))
 
 
-def measure_train(s: Settings, which: str, gemm: float | None, compile_mode: str | None = None) -> dict[str, Any]:
+def measure_train(s: Settings, which: str, gemm: float | None, compile_mode: str | None = None,
+                  cuda_graph: bool = False) -> dict[str, Any]:
     """Images/s of the training step on a GPU-resident P x K batch; FLOPs counted on the eager model."""
     batch = resident_train_batch(s)
     if which == "mmfl":
@@ -254,18 +268,53 @@ def measure_train(s: Settings, which: str, gemm: float | None, compile_mode: str
         model.train()
         flops = flops_per_image_train(
             model, lambda out: criterion(out, batch.labels, batch.attributes, None, batch.domains)[0], batch.images)
-        step = mmfl_step(model, criterion, cfg, s, compile_mode)
+        step = mmfl_step(model, criterion, cfg, s, compile_mode, cuda_graph)
     else:
         model = build_bare(s).train()
         flops = flops_per_image_train(model, lambda out: torch.nn.functional.cross_entropy(out, batch.labels),
                                       batch.images)
-        step = bare_step(model, s, compile_mode)
+        step = bare_step(model, s, compile_mode, cuda_graph)
     warmup = s.warmup + (3 if compile_mode else 0)
     seconds, warm_s = timed_loop(lambda: step(batch), warmup, s.steps, s.device)
-    rec = rate_record(s, seconds, s.batch, flops, gemm, warmup_s=warm_s, compile=compile_mode or "eager")
+    rec = rate_record(s, seconds, s.batch, flops, gemm, warmup_s=warm_s, compile=compile_mode or "eager",
+                      cuda_graph=cuda_graph)
     del model, step
     release(s.device)
     return rec
+
+
+def graph_parity(s: Settings) -> dict[str, Any]:
+    """The graphed MMFL-Net step against the eager one from identical weights, batch by batch.
+
+    Six steps on three different batches; the learning rate changes before the last step (the
+    graph must read the scheduler's new value). Reports the largest relative difference of the
+    total loss per step and of the weights at the end: bf16 kernels picked independently by
+    cuDNN make them close, not bit-equal.
+    """
+    batches = [resident_train_batch(s, seed) for seed in range(3)]
+    runs = []
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        model, criterion, cfg = build_mmfl(s)
+        model.train()
+        step = mmfl_step(model, criterion, cfg, s, cuda_graph=graphed)
+        losses = []
+        for i in range(PARITY_STEPS):
+            if i == PARITY_STEPS - 1:
+                for group in step.optimizer.param_groups:
+                    group["lr"] *= 0.5
+            losses.append(step(batches[i % len(batches)])["total"])
+        sync(s.device)
+        weights = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+        runs.append((torch.stack(losses).float(), weights, step.graph is not None and step.graph.captured))
+        del model, step
+        release(s.device)
+    (eager_loss, eager_w, _), (graph_loss, graph_w, captured) = runs
+    loss_rel = ((graph_loss - eager_loss).abs() / eager_loss.abs().clamp(min=1e-6)).tolist()
+    weight_rel = float((graph_w - eager_w).norm() / eager_w.norm())
+    return {"captured": captured, "steps": PARITY_STEPS, "eager_losses": eager_loss.tolist(),
+            "graph_losses": graph_loss.tolist(), "loss_rel_diff_per_step": loss_rel,
+            "max_loss_rel_diff": max(loss_rel), "weight_rel_diff": weight_rel}
 
 
 def profile_train(s: Settings, out_dir: Path) -> dict[str, Any]:
@@ -368,13 +417,14 @@ def measure_e2e(s: Settings) -> dict[str, Any]:
         attrs = resident.attributes
         model, criterion, mcfg = build_mmfl(s, data.num_items, 0 if attrs is None else attrs.shape[1])
         model.train()
-        step = mmfl_step(model, criterion, mcfg, s)
+        graphed = s.device.type == "cuda"
+        step = mmfl_step(model, criterion, mcfg, s, cuda_graph=graphed)
         resident_s, _ = timed_loop(lambda: step(resident), s.warmup, s.steps, s.device)
         drain()  # the queue filled up while the resident step ran
         fed_s, _ = timed_loop(lambda: step(next(batches).to(s.device, channels_last=True)), s.warmup, s.steps, s.device)
-        out["e2e/mmfl/resident"] = rate_record(s, resident_s, s.batch, None, None)
+        out["e2e/mmfl/resident"] = rate_record(s, resident_s, s.batch, None, None, cuda_graph=graphed)
         out["e2e/mmfl/jpeg"] = rate_record(s, fed_s, s.batch, None, None, ratio_vs_resident=resident_s / fed_s,
-                                           workers=s.workers)
+                                           workers=s.workers, cuda_graph=graphed)
         del model, step, batches
         release(s.device)
         return out
@@ -401,16 +451,23 @@ def run_child(s: Settings, which: str, mode: str, gemm: float | None, timeout_s:
 # ---------------------------------------------------------------- driver
 
 
-def parse_compile_runs(text: str) -> tuple[tuple[str, str], ...]:
-    """``"mmfl:default,bare:default"`` -> (("mmfl", "default"), ("bare", "default"))."""
-    from mmfl.train.step import COMPILE_MODES
+def split_mode(mode: str) -> tuple[str, bool]:
+    """``"default+graph"`` -> ("default", True): a compile mode, and whether the whole step is graphed."""
+    base, plus, rest = mode.partition("+")
+    return base, bool(plus) and rest == "graph"
 
+
+def parse_compile_runs(text: str) -> tuple[tuple[str, str], ...]:
+    """``"mmfl:default,bare:default+graph"`` -> (("mmfl", "default"), ("bare", "default+graph"))."""
+    from mmfl.train.step import COMPILE_MODES, GRAPH_COMPILE_MODES
+
+    allowed = [*COMPILE_MODES, *(f"{m}+graph" for m in COMPILE_MODES if m not in GRAPH_COMPILE_MODES)]
     runs = []
     for item in (x.strip() for x in text.split(",") if x.strip()):
         which, _, mode = item.partition(":")
-        if which not in ("mmfl", "bare") or mode not in COMPILE_MODES:
+        if which not in ("mmfl", "bare") or mode not in allowed:
             raise SystemExit(f"--compile-runs: '{item}' is not MODEL:MODE with MODEL mmfl|bare and MODE one of "
-                             f"{', '.join(COMPILE_MODES)}")
+                             f"{', '.join(allowed)}")
         runs.append((which, mode))
     return tuple(runs)
 
@@ -478,6 +535,7 @@ def summarise(results: dict[str, Any], gemm: float | None) -> dict[str, Any]:
         "e2e_over_resident": e2e,
         "e2e_target": TARGETS["e2e_over_resident"],
         "e2e_met": bool(e2e and e2e >= TARGETS["e2e_over_resident"]),
+        "graph_parity_max_loss_rel_diff": get("graph/parity", "max_loss_rel_diff"),
         "reference_h100_2026_11_27": REFERENCE,
     }
 
@@ -505,8 +563,9 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         if "error" in r:
             lines.append(f"| {name} | | | | | | {r['error']} |")
             continue
-        notes = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()
-                          if k in ("ratio_vs_resident", "warmup_s", "workers", "max_memory_gib", "compile"))
+        notes = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()
+                          if k in ("ratio_vs_resident", "warmup_s", "workers", "max_memory_gib", "compile", "cuda_graph",
+                                  "max_loss_rel_diff", "weight_rel_diff", "captured"))
         lines.append(f"| {name} | {_cell(r, 'images_per_s')} | {_cell(r, 'step_ms')} | "
                      f"{_cell(r, 'gflops_per_image')} | {_cell(r, 'achieved_tflops')} | "
                      f"{format(r['mfu'] * 100, '.1f') + ' %' if 'mfu' in r else ''} | {notes} |")
@@ -531,7 +590,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     p.add_argument("--steps", type=int, default=30, help="timed steps per measurement (default 30)")
     p.add_argument("--synth-items", type=int, default=300, help="items in the generated JPEG dataset (default 300)")
-    p.add_argument("--compile-runs", default="mmfl:default,bare:default,mmfl:reduce-overhead",
+    p.add_argument("--compile-runs", default="mmfl:default+graph,bare:default+graph,mmfl:default",
                    help="compiled training measurements, in order: MODEL:MODE comma list (MODEL mmfl|bare, "
                         "MODE a torch.compile mode; empty for none)")
     p.add_argument("--compile-timeout-s", type=float, default=120.0, help="time-box per compiled measurement")
@@ -560,7 +619,8 @@ def _run(args: argparse.Namespace, s: Settings, argv: list[str]) -> int:
         torch.backends.cudnn.benchmark = True
     if args.child:
         which, mode, result = args.child
-        rec = measure_train(s, which, args.gemm_tflops or None, mode)
+        compile_mode, graphed = split_mode(mode)
+        rec = measure_train(s, which, args.gemm_tflops or None, compile_mode, graphed)
         Path(result).write_text(json.dumps(rec))
         return 0
     started = time.perf_counter()
@@ -599,9 +659,16 @@ def _run(args: argparse.Namespace, s: Settings, argv: list[str]) -> int:
     wanted = set(args.sections.split(","))
     if not wanted <= set(SECTIONS):
         raise SystemExit(f"--sections: unknown {sorted(wanted - set(SECTIONS))} (choose from {', '.join(SECTIONS)})")
+    graphs = s.device.type == "cuda"  # CUDA graphs need a GPU; the smoke run on CPU has none
+    if "train" in wanted and graphs:
+        section(results, "graph/parity", lambda: graph_parity(s), s)
+        save()
     for which in ("mmfl", "bare") if "train" in wanted else ():
         section(results, f"train/{which}/eager", lambda w=which: measure_train(s, w, gemm), s)
         save()
+        if graphs:
+            section(results, f"train/{which}/graph", lambda w=which: measure_train(s, w, gemm, cuda_graph=True), s)
+            save()
     for which in ("mmfl", "bare") if "extract" in wanted else ():
         section(results, f"extract/{which}", lambda w=which: measure_extract(s, w, gemm), s)
         save()

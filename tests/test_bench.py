@@ -139,6 +139,7 @@ def test_gpu_bench_smoke_writes_json_and_table(gpu_bench: ModuleType, tmp_path: 
                             "extract_images_per_s_mmfl_over_bare"}
     table = (tmp_path / "gpu_bench.md").read_text()
     assert "| train/mmfl/eager |" in table and "MFU" in table
+    assert results["train/mmfl/eager"]["cuda_graph"] is False  # graphed rows and the parity check need CUDA
 
 
 def test_gpu_bench_compile_runs_are_checked(gpu_bench: ModuleType) -> None:
@@ -147,6 +148,11 @@ def test_gpu_bench_compile_runs_are_checked(gpu_bench: ModuleType) -> None:
     assert gpu_bench.parse_compile_runs("") == ()
     with pytest.raises(SystemExit, match="mmfl:fast"):
         gpu_bench.parse_compile_runs("mmfl:fast")
+    assert gpu_bench.parse_compile_runs("bare:default+graph") == (("bare", "default+graph"),)
+    assert gpu_bench.split_mode("default+graph") == ("default", True)
+    assert gpu_bench.split_mode("max-autotune-no-cudagraphs") == ("max-autotune-no-cudagraphs", False)
+    with pytest.raises(SystemExit, match="reduce-overhead\\+graph"):  # its own CUDA graphs cannot nest in ours
+        gpu_bench.parse_compile_runs("mmfl:reduce-overhead+graph")
 
 
 def test_augment_bench_reports_every_pipeline(tmp_path: Path) -> None:

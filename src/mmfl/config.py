@@ -110,6 +110,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    cuda_graph: bool = False  # replay the whole step as one CUDA graph (one GPU, adamw); ignored on CPU
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     deterministic: bool = False
     eval_every: int = 1  # epochs between validation runs; 0 disables validation
@@ -228,6 +229,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.fusion_levels: {cfg.model.fusion_levels} must be levels in 2..5")
     if not 0 <= cfg.model.freeze_stages <= 4:
         raise ConfigError("model.freeze_stages: must be in 0..4")
+    if cfg.train.cuda_graph and cfg.train.optimizer != "adamw":
+        raise ConfigError("train.cuda_graph: needs train.optimizer=adamw (fused AdamW reads its scheduled lr "
+                          "from GPU memory; SGD's would be frozen into the graph)")
+    if cfg.train.cuda_graph and cfg.train.compile and cfg.train.compile_mode in ("reduce-overhead", "max-autotune"):
+        raise ConfigError(f"train.cuda_graph: compile_mode {cfg.train.compile_mode} makes its own CUDA graphs; "
+                          "use default or max-autotune-no-cudagraphs with it")
     if not 0.0 <= cfg.loss.cross_domain_weight <= 1.0:
         raise ConfigError(f"loss.cross_domain_weight: {cfg.loss.cross_domain_weight} must lie in [0, 1]")
 

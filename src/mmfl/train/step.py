@@ -5,6 +5,8 @@ reads them later (the trainer one step late), so the host can queue the next bat
 while the current ones run. With ``compile_mode`` the forward pass *and* the loss are compiled
 together (one graph: the branch pooling, BNNecks, distance matrices and classifiers fuse with
 the backbone's tail), while the optimizers stay eager (fused AdamW is already a few kernels).
+With ``cuda_graph`` the whole step, optimizers included, is recorded once and replayed
+(:mod:`mmfl.train.cuda_graph`): the host then issues one launch per step instead of ~1,500.
 """
 from __future__ import annotations
 
@@ -15,10 +17,13 @@ import torch
 from torch import Tensor
 
 from mmfl.data.transforms import to_float_images
+from mmfl.train.cuda_graph import CapturedStep
 from mmfl.train.distributed import DistInfo, average_gradients
 
 #: ``torch.compile`` modes the trainer accepts (``train.compile_mode``).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: Modes that already replay CUDA graphs of their own (they cannot nest inside a whole-step graph).
+GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -61,9 +66,15 @@ class TrainStep:
         forward_module: torch.nn.Module | None = None,
         compile_mode: str | None = None,
         dist_info: DistInfo | None = None,
+        cuda_graph: bool = False,
     ):
         if compile_mode is not None and compile_mode not in COMPILE_MODES:
             raise ValueError(f"TrainStep: unknown compile mode {compile_mode!r} (choose from {', '.join(COMPILE_MODES)})")
+        if cuda_graph and compile_mode in GRAPH_COMPILE_MODES:
+            raise ValueError(f"TrainStep: compile mode {compile_mode!r} makes CUDA graphs itself; "
+                             "use 'default' or 'max-autotune-no-cudagraphs' with cuda_graph")
+        if cuda_graph and dist_info is not None and dist_info.enabled:
+            raise ValueError("TrainStep: a whole-step CUDA graph runs in one process (DDP's all-reduce is not captured)")
         self.model = model
         self.criterion = criterion
         self.optimizer = optimizer
@@ -77,7 +88,8 @@ class TrainStep:
 
         def forward_loss(images: Tensor, labels: Tensor, domains: Tensor, attributes: Tensor | None,
                          categories: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            # a CUDA graph replays the casts it recorded: autocast's weight cache must stay off
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp, cache_enabled=not cuda_graph):
                 output = forward(images)
             return criterion(output, labels, attributes, categories, domains)
 
@@ -86,14 +98,22 @@ class TrainStep:
         )
         # CUDA-graph modes replay into static buffers: the next replay overwrites this step's
         # outputs, so the terms the caller reads a step later must be copies.
-        self._cudagraphs = compile_mode in ("reduce-overhead", "max-autotune") and device.type == "cuda"
+        self._cudagraphs = compile_mode in GRAPH_COMPILE_MODES and device.type == "cuda"
+        self.graph: CapturedStep | None = None
+        if cuda_graph:
+            fixed = [center_optimizer] if center_optimizer is not None else []
+            self.graph = CapturedStep(self._update, device, scheduled=[optimizer], fixed=fixed)
 
     def __call__(self, batch: Batch) -> dict[str, Tensor]:
         """One update; returns the unweighted loss terms and ``total`` as detached device tensors."""
+        inputs = (batch.images, batch.labels, batch.domains, batch.attributes, batch.categories)
+        return self.graph(*inputs) if self.graph is not None else self._update(*inputs)
+
+    def _update(self, images: Tensor, labels: Tensor, domains: Tensor, attributes: Tensor | None,
+                categories: Tensor | None) -> dict[str, Tensor]:
         if self._cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
-        total, terms = self._forward_loss(batch.images, batch.labels, batch.domains, batch.attributes,
-                                          batch.categories)
+        total, terms = self._forward_loss(images, labels, domains, attributes, categories)
         if self._cudagraphs:
             terms = {k: v.clone() for k, v in terms.items()}
         self.optimizer.zero_grad(set_to_none=True)

@@ -151,6 +151,8 @@ def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: to
             raise TrainingError(f"{last_path}: checkpoint has no training state to resume")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # step the way this run was built (a GPU graph run resumed on CPU)
+            group.update({k: optimizer.defaults[k] for k in ("fused", "capturable") if k in optimizer.defaults})
         if center_opt is not None:
             center_opt.load_state_dict(state["center_optimizer"])
             criterion.load_state_dict(state["criterion"])
@@ -161,6 +163,10 @@ def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: to
         if info.is_main:
             _log(f"resuming from {last_path} at epoch {start_epoch + 1}/{cfg.train.epochs}")
 
+    cuda_graph = cfg.train.cuda_graph and device.type == "cuda"
+    if cuda_graph and info.enabled:
+        raise TrainingError(f"train.cuda_graph: runs in one process, not with {info.world_size} (DDP's "
+                            "all-reduce is not captured); set train.cuda_graph=false")
     train_model: torch.nn.Module = model
     if info.enabled:
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -169,7 +175,7 @@ def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: to
     train_step = TrainStep(
         model, criterion, optimizer, center_opt, device=device, amp=cfg.train.amp, grad_clip=cfg.train.grad_clip,
         forward_module=train_model, compile_mode=cfg.train.compile_mode if cfg.train.compile else None,
-        dist_info=info,
+        dist_info=info, cuda_graph=cuda_graph,
     )
 
     if info.is_main:
