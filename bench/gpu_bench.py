@@ -17,7 +17,9 @@ Measurements (each in try/except: one failure is an ``error`` entry, never a los
   give the eager step's losses and weights from the same initial state.
 * ``train/{mmfl,bare}/compile-<mode>[+graph]``: the same with ``torch.compile`` on forward + loss
   (and the whole step graphed), in a child process with a timeout (compilation can take
-  minutes; it never blocks the rest).
+  minutes; it never blocks the rest). The compiled kernels are saved under
+  ``OUT/compile-cache``; ``--compile-cache`` pre-loads such a folder, so a later session
+  measures the same configuration without compiling from scratch.
 * ``extract/{mmfl,bare}``: eval-mode forward, bf16, channels_last, GPU-resident batch.
 * ``loader/jpeg``, ``e2e/mmfl/{resident,jpeg}``: a generated dataset (``mmfl synth``) read by the
   training pipeline (reader, PKSampler, train transforms, DataLoader workers, pinned memory,
@@ -432,12 +434,48 @@ def measure_e2e(s: Settings) -> dict[str, Any]:
         shutil.rmtree(root.parent, ignore_errors=True)
 
 
-def run_child(s: Settings, which: str, mode: str, gemm: float | None, timeout_s: float, smoke: bool) -> dict[str, Any]:
-    """A compiled-training measurement in its own process, killed after ``timeout_s``."""
+def cache_file(folder: Path, which: str, mode: str) -> Path:
+    """Where one compiled measurement's artifacts live: per model, mode, torch version and device."""
+    device = torch.cuda.get_device_name().replace(" ", "_") if torch.cuda.is_available() else "cpu"
+    return folder / f"{which}-{mode}-torch{torch.__version__}-{device}.bin"
+
+
+def load_compile_cache(path: Path) -> dict[str, Any]:
+    """Pre-load compiled kernels saved by an earlier run (``torch.compiler`` mega-cache); a stale file is reported, not fatal."""
+    if not path.is_file():
+        return {"loaded": False}
+    try:  # torch logs and returns None for a file it cannot read (checksum), raises for others
+        info = torch.compiler.load_cache_artifacts(path.read_bytes())
+    except Exception as exc:  # another torch build, a torn file: compile cold
+        return {"loaded": False, "load_error": f"{type(exc).__name__}: {exc}"[:200]}
+    if info is None:
+        return {"loaded": False, "load_error": f"{path.name}: not a readable compile cache (compiling cold)"}
+    return {"loaded": True, "loaded_bytes": path.stat().st_size}
+
+
+def save_compile_cache(path: Path) -> dict[str, Any]:
+    """Write this process's compiled artifacts so the next session's compile starts warm."""
+    from mmfl.atomic import atomic_write
+
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        return {"saved_bytes": 0}
+    atomic_write(path, lambda fh: fh.write(saved[0]))
+    return {"saved_bytes": len(saved[0]), "saved_to": str(path)}
+
+
+def run_child(s: Settings, which: str, mode: str, gemm: float | None, timeout_s: float, smoke: bool,
+              cache_dirs: tuple[Path | None, Path]) -> dict[str, Any]:
+    """A compiled-training measurement in its own process, killed after ``timeout_s``.
+
+    ``cache_dirs``: (folder to pre-load compiled artifacts from, or None; folder to save them to).
+    """
+    load_from, save_to = cache_dirs
     with tempfile.TemporaryDirectory(prefix="mmfl-gpu-bench-child-") as tmp:
         result = Path(tmp) / "result.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", which, mode, str(result),
-               "--gemm-tflops", str(gemm or 0)] + (["--smoke"] if smoke else [])
+               "--gemm-tflops", str(gemm or 0), "--save-compile-cache", str(save_to)]
+        cmd += (["--compile-cache", str(load_from)] if load_from else []) + (["--smoke"] if smoke else [])
         try:
             proc = subprocess.run(cmd, timeout=timeout_s, capture_output=True, text=True)
         except subprocess.TimeoutExpired:
@@ -593,7 +631,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile-runs", default="mmfl:default+graph,bare:default+graph,mmfl:default",
                    help="compiled training measurements, in order: MODEL:MODE comma list (MODEL mmfl|bare, "
                         "MODE a torch.compile mode; empty for none)")
-    p.add_argument("--compile-timeout-s", type=float, default=120.0, help="time-box per compiled measurement")
+    p.add_argument("--compile-timeout-s", type=float, default=200.0,
+                   help="time-box per compiled measurement (default 200, cut to what the budget has left)")
+    p.add_argument("--compile-cache", type=Path,
+                   help="folder of compiled artifacts from an earlier run (OUT/compile-cache) to start warm from")
+    p.add_argument("--save-compile-cache", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--budget-s", type=float, default=270.0, help="skip optional sections after this long")
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help=f"what to measure, comma list from {', '.join(SECTIONS)} (default all; the GEMM always runs)")
@@ -620,8 +662,11 @@ def _run(args: argparse.Namespace, s: Settings, argv: list[str]) -> int:
     if args.child:
         which, mode, result = args.child
         compile_mode, graphed = split_mode(mode)
+        cache = load_compile_cache(cache_file(args.compile_cache, which, mode)) if args.compile_cache else {}
         rec = measure_train(s, which, args.gemm_tflops or None, compile_mode, graphed)
-        Path(result).write_text(json.dumps(rec))
+        if args.save_compile_cache:
+            cache.update(save_compile_cache(cache_file(args.save_compile_cache, which, mode)))
+        Path(result).write_text(json.dumps({**rec, "compile_cache": cache}))
         return 0
     started = time.perf_counter()
     device_name = torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else "cpu"
@@ -680,8 +725,9 @@ def _run(args: argparse.Namespace, s: Settings, argv: list[str]) -> int:
         save()
     for which, mode in s.compile_runs if "compile" in wanted else ():
         timeout = min(args.compile_timeout_s, s.deadline - time.monotonic())
+        cache_dirs = (args.compile_cache, args.out / "compile-cache")
         section(results, f"train/{which}/compile-{mode}",
-                lambda w=which, m=mode, t=timeout: run_child(s, w, m, gemm, t, s.smoke), s, needs_s=45)
+                lambda w=which, m=mode, t=timeout: run_child(s, w, m, gemm, t, s.smoke, cache_dirs), s, needs_s=45)
         save()
     print((args.out / "gpu_bench.md").read_text(), flush=True)
     log(f"wrote {args.out}/gpu_bench.json and gpu_bench.md in {report['total_s']:.0f}s")

@@ -155,6 +155,22 @@ def test_gpu_bench_compile_runs_are_checked(gpu_bench: ModuleType) -> None:
         gpu_bench.parse_compile_runs("mmfl:reduce-overhead+graph")
 
 
+def test_gpu_bench_compile_cache_round_trip(gpu_bench: ModuleType, tmp_path: Path) -> None:
+    """Compiled artifacts are saved where the next session can pre-load them; a torn file is reported, not fatal."""
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: (x * 2.0).sin().sum())
+    assert float(compiled(torch.ones(8))) == pytest.approx(8 * np.sin(2.0), rel=1e-5)
+    path = gpu_bench.cache_file(tmp_path, "mmfl", "default+graph")
+    assert path.name.startswith("mmfl-default+graph-torch")
+    saved = gpu_bench.save_compile_cache(path)
+    assert saved["saved_bytes"] > 0 and path.stat().st_size == saved["saved_bytes"]
+    assert gpu_bench.load_compile_cache(path) == {"loaded": True, "loaded_bytes": saved["saved_bytes"]}
+    assert gpu_bench.load_compile_cache(tmp_path / "absent.bin") == {"loaded": False}
+    path.write_bytes(b"not a cache")
+    torn = gpu_bench.load_compile_cache(path)
+    assert torn["loaded"] is False and torn["load_error"]
+
+
 def test_augment_bench_reports_every_pipeline(tmp_path: Path) -> None:
     out = tmp_path / "augment.json"
     _run_main("augment", ["--sizes", "48", "--items", "3", "--repeats", "1", "--json", str(out)])
@@ -174,3 +190,21 @@ def test_step_ops_batched_loss_launches_fewer_operators(tmp_path: Path) -> None:
     # 11 embeddings of 2 widths: two batched triplet passes and one ID call instead of eleven each
     assert batched["loss"] * 3 < loop["loss"]
     assert batched["backward"] < loop["backward"]
+
+
+def test_growth_bench_measures_each_size(tmp_path: Path) -> None:
+    """Two toy dataset sizes through train, index and search; the sizes and bytes (not times) are checked."""
+    out = tmp_path / "growth.json"
+    assert _load("growth").main(["--quick", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    small, large = report["rows"]
+    assert (small["items"], large["items"]) == (12, 24)
+    assert large["epoch_images"] == 2 * small["epoch_images"]  # one 8 x 4 batch per 8 items
+    assert large["gallery"] > small["gallery"] > 0
+    for row in (small, large):
+        assert row["train_epoch_s"] > 0 and row["index_build_s"] > 0 and row["query_p50_ms"] > 0
+        assert row["train_peak_rss_mib"] > 100 and row["index_peak_rss_mib"] > 100  # torch alone is more
+    growth, fits = report["growth_largest_over_smallest"], report["linear_fits"]
+    # the index holds one float32 vector (plus labels) per gallery image: bytes grow with the gallery
+    assert 0.8 * growth["gallery"] < growth["index_bytes"] < 1.2 * growth["gallery"]
+    assert fits["index_bytes"]["per"] == "gallery" and fits["index_bytes"]["per_unit"] > 4 * 64

@@ -131,7 +131,9 @@ class CapturedStep:
             group["lr"] = lr
             group["capturable"] = True  # from now on: set at capture so the eager warm-up does not warn
         try:
-            with torch.cuda.graph(graph):
+            # thread_local: the DataLoader's pin-memory thread may allocate pinned memory meanwhile,
+            # which the default ("global") mode would turn into an error in that thread
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self._terms = self.update(*self._static)
         finally:  # the optimizers keep float lrs for the scheduler, logging and checkpoints
             for group, lr in zip(groups, floats):
