@@ -11,6 +11,9 @@ Measurements (each in try/except: one failure is an ``error`` entry, never a los
   :class:`mmfl.train.step.TrainStep`: bf16 autocast, channels_last, the multi-task criterion,
   fused AdamW, gradient clipping, the center-loss SGD) vs a bare torchvision classifier
   (cross-entropy, fused AdamW), P x K images.
+* ``train/mmfl-frozen-bn/...``: the same MMFL-Net with ``model.backbone_norm=frozen`` (the
+  backbone's batch norm as a fixed affine: same FLOPs, no batch statistics); an option whose
+  accuracy cost is measured on real photos (``docs/RESULTS.md``), timed here beside the default.
 * ``train/{mmfl,bare}/graph`` (CUDA only): the same step replayed as one CUDA graph
   (``train.cuda_graph``, :mod:`mmfl.train.cuda_graph`); ``graph/parity`` first checks that six
   graphed steps (three eager warm-ups, the capture, two replays with a changed learning rate)
@@ -59,6 +62,9 @@ REFERENCE = {  # H100, 2026-11-27, issue 8
 TARGETS = {"mmfl_train_mfu": 0.25, "e2e_over_resident": 0.9}
 SECTIONS = ("train", "extract", "e2e", "profile", "compile")
 PARITY_STEPS = 6  # graph/parity: 3 eager warm-ups, the capture + replay, 2 replays (lr changed before the last)
+#: Trained models: the mmfl preset as is, the same with its backbone's batch norm frozen
+#: (``model.backbone_norm=frozen``: same FLOPs, no batch statistics), and the bare classifier.
+MODELS: dict[str, list[str]] = {"mmfl": [], "mmfl-frozen-bn": ["model.backbone_norm=frozen"], "bare": []}
 NUM_ITEMS = 5000  # ID classes of the bench model (DeepFashion C2S has ~14k training items; cost is negligible)
 NUM_ATTRIBUTES = 303  # DeepFashion's per-item attributes
 PREFETCH = 2  # DataLoader prefetch_factor (batches per worker held ready)
@@ -113,15 +119,15 @@ def timed_loop(fn: Callable[[], Any], warmup: int, steps: int, device: torch.dev
 # ---------------------------------------------------------------- models and steps
 
 
-def build_mmfl(s: Settings, num_items: int | None = None,
-               num_attributes: int = NUM_ATTRIBUTES) -> tuple[torch.nn.Module, Any, Any]:
-    """MMFL-Net (mmfl preset) and its criterion from the project's own builders."""
+def build_mmfl(s: Settings, num_items: int | None = None, num_attributes: int = NUM_ATTRIBUTES,
+               which: str = "mmfl") -> tuple[torch.nn.Module, Any, Any]:
+    """MMFL-Net (mmfl preset, with ``which``'s overrides) and its criterion from the project's own builders."""
     from mmfl.config import load_config
     from mmfl.losses import build_criterion
     from mmfl.models import build_model
 
     cfg = load_config("mmfl", [f"model.backbone={s.backbone}", f"input.size={s.size}",
-                               f"train.batch_items={s.p}", f"train.images_per_item={s.k}"])
+                               f"train.batch_items={s.p}", f"train.images_per_item={s.k}", *MODELS[which]])
     num_items = num_items or s.num_items
     model = build_model(cfg, num_items, num_attributes).to(s.device).to(memory_format=torch.channels_last)
     criterion = build_criterion(cfg, num_items, model.global_dim).to(s.device)
@@ -186,7 +192,12 @@ def bare_step(model: torch.nn.Module, s: Settings, compile_mode: str | None = No
         return {"total": loss.detach()}
 
     graph = CapturedStep(update, s.device, scheduled=[optimizer]) if cuda_graph else None
-    return lambda batch: (graph or update)(batch.images, batch.labels)
+
+    def step(batch: Any) -> dict[str, torch.Tensor]:
+        return (graph or update)(batch.images, batch.labels)
+
+    step.graph = graph  # type: ignore[attr-defined]  # as TrainStep.graph: did the capture happen?
+    return step
 
 
 def resident_batch(s: Settings, batch: int, seed: int = 0) -> torch.Tensor:
@@ -265,8 +276,8 @@ def measure_train(s: Settings, which: str, gemm: float | None, compile_mode: str
                   cuda_graph: bool = False) -> dict[str, Any]:
     """Images/s of the training step on a GPU-resident P x K batch; FLOPs counted on the eager model."""
     batch = resident_train_batch(s)
-    if which == "mmfl":
-        model, criterion, cfg = build_mmfl(s)
+    if which != "bare":
+        model, criterion, cfg = build_mmfl(s, which=which)
         model.train()
         flops = flops_per_image_train(
             model, lambda out: criterion(out, batch.labels, batch.attributes, None, batch.domains)[0], batch.images)
@@ -278,8 +289,11 @@ def measure_train(s: Settings, which: str, gemm: float | None, compile_mode: str
         step = bare_step(model, s, compile_mode, cuda_graph)
     warmup = s.warmup + (3 if compile_mode else 0)
     seconds, warm_s = timed_loop(lambda: step(batch), warmup, s.steps, s.device)
+    graph = getattr(step, "graph", None)
     rec = rate_record(s, seconds, s.batch, flops, gemm, warmup_s=warm_s, compile=compile_mode or "eager",
                       cuda_graph=cuda_graph)
+    if graph is not None:  # a failed capture times the eager fallback: say so in the row
+        rec.update(captured=graph.captured, **({"capture_failed": graph.failed} if graph.failed else {}))
     del model, step
     release(s.device)
     return rec
@@ -308,13 +322,14 @@ def graph_parity(s: Settings) -> dict[str, Any]:
             losses.append(step(batches[i % len(batches)])["total"])
         sync(s.device)
         weights = torch.cat([p.detach().float().flatten() for p in model.parameters()])
-        runs.append((torch.stack(losses).float(), weights, step.graph is not None and step.graph.captured))
+        runs.append((torch.stack(losses).float(), weights, step.graph))
         del model, step
         release(s.device)
-    (eager_loss, eager_w, _), (graph_loss, graph_w, captured) = runs
+    (eager_loss, eager_w, _), (graph_loss, graph_w, graph) = runs
     loss_rel = ((graph_loss - eager_loss).abs() / eager_loss.abs().clamp(min=1e-6)).tolist()
     weight_rel = float((graph_w - eager_w).norm() / eager_w.norm())
-    return {"captured": captured, "steps": PARITY_STEPS, "eager_losses": eager_loss.tolist(),
+    return {"captured": graph.captured, "capture_failed": graph.failed, "steps": PARITY_STEPS,
+            "eager_losses": eager_loss.tolist(),
             "graph_losses": graph_loss.tolist(), "loss_rel_diff_per_step": loss_rel,
             "max_loss_rel_diff": max(loss_rel), "weight_rel_diff": weight_rel}
 
@@ -503,8 +518,8 @@ def parse_compile_runs(text: str) -> tuple[tuple[str, str], ...]:
     runs = []
     for item in (x.strip() for x in text.split(",") if x.strip()):
         which, _, mode = item.partition(":")
-        if which not in ("mmfl", "bare") or mode not in allowed:
-            raise SystemExit(f"--compile-runs: '{item}' is not MODEL:MODE with MODEL mmfl|bare and MODE one of "
+        if which not in MODELS or mode not in allowed:
+            raise SystemExit(f"--compile-runs: '{item}' is not MODEL:MODE with MODEL {'|'.join(MODELS)} and MODE one of "
                              f"{', '.join(allowed)}")
         runs.append((which, mode))
     return tuple(runs)
@@ -556,7 +571,7 @@ def summarise(results: dict[str, Any], gemm: float | None) -> dict[str, Any]:
         value = results.get(name, {}).get(key)
         return float(value) if isinstance(value, (int, float)) else None
 
-    mmfl = {k: v["mfu"] for k, v in results.items() if k.startswith("train/mmfl/") and "mfu" in v}
+    mmfl = {k: v["mfu"] for k, v in results.items() if k.startswith("train/mmfl") and "mfu" in v}
     bare = {k: v["mfu"] for k, v in results.items() if k.startswith("train/bare/") and "mfu" in v}
     best = max(mmfl.items(), key=lambda kv: kv[1]) if mmfl else None
     e2e = get("e2e/mmfl/jpeg", "ratio_vs_resident")
@@ -603,7 +618,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             continue
         notes = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()
                           if k in ("ratio_vs_resident", "warmup_s", "workers", "max_memory_gib", "compile", "cuda_graph",
-                                  "max_loss_rel_diff", "weight_rel_diff", "captured"))
+                                  "max_loss_rel_diff", "weight_rel_diff", "captured", "capture_failed"))
         lines.append(f"| {name} | {_cell(r, 'images_per_s')} | {_cell(r, 'step_ms')} | "
                      f"{_cell(r, 'gflops_per_image')} | {_cell(r, 'achieved_tflops')} | "
                      f"{format(r['mfu'] * 100, '.1f') + ' %' if 'mfu' in r else ''} | {notes} |")
@@ -708,7 +723,7 @@ def _run(args: argparse.Namespace, s: Settings, argv: list[str]) -> int:
     if "train" in wanted and graphs:
         section(results, "graph/parity", lambda: graph_parity(s), s)
         save()
-    for which in ("mmfl", "bare") if "train" in wanted else ():
+    for which in MODELS if "train" in wanted else ():
         section(results, f"train/{which}/eager", lambda w=which: measure_train(s, w, gemm), s)
         save()
         if graphs:

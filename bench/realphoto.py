@@ -57,6 +57,8 @@ VARIANTS: dict[str, tuple[str | None, list[str]]] = {
     "+center": ("mmfl", ["loss.triplet=improved", "loss.center_weight=5e-4", "loss.attribute_weight=0"]),
     "+attributes": ("mmfl", ["loss.triplet=improved", "loss.center_weight=5e-4", "model.category_head=true",
                              "loss.category_weight=1.0"]),
+    # a speed option, not an ablation: the backbone's BN statistics and affine frozen at ImageNet's
+    "mmfl+frozen-bn": ("mmfl", ["model.backbone_norm=frozen"]),
 }
 #: The preset comparison; every other trained variant is a loss ablation of ``mmfl``.
 PRESET_VARIANTS = ("global", "mgn", "mmfl")

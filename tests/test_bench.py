@@ -117,7 +117,7 @@ def test_gpu_bench_smoke_writes_json_and_table(gpu_bench: ModuleType, tmp_path: 
     report = json.loads((tmp_path / "gpu_bench.json").read_text())
     assert report["smoke"] is True and report["settings"]["backbone"] == "resnet18"
     assert report["settings"]["size"] == 64 and report["settings"]["steps"] == 2
-    expected = {"train/mmfl/eager", "train/bare/eager", "extract/mmfl", "extract/bare",
+    expected = {"train/mmfl/eager", "train/mmfl-frozen-bn/eager", "train/bare/eager", "extract/mmfl", "extract/bare",
                 "loader/jpeg", "e2e/mmfl/resident", "e2e/mmfl/jpeg"}
     results = report["results"]
     assert set(results) == expected | {"profile/mmfl/eager"}

@@ -168,6 +168,39 @@ def test_freeze_stages_stops_gradients_and_keeps_bn_statistics() -> None:
     assert model.backbone.layer3[0].conv1.weight.grad is not None
 
 
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v2"])
+def test_frozen_backbone_norm_is_a_fixed_affine(backbone: str, tmp_path) -> None:
+    """``model.backbone_norm=frozen``: the same function as the BN model in eval mode, but in training
+    no batch statistics (an image's features do not depend on its batch-mates) and no BN gradients;
+    checkpoints of either kind load into the other, and the graph exports to ONNX."""
+    from mmfl.export import export_onnx
+    from mmfl.models.backbones import FrozenBatchNorm
+
+    torch.manual_seed(0)
+    plain = make("mmfl", backbone)
+    plain.backbone.train()
+    plain.backbone(torch.rand(8, 3, 64, 64))  # move the running statistics away from (0, 1)
+    frozen = make("mmfl", backbone, "model.backbone_norm=frozen")
+    frozen.load_state_dict(plain.state_dict())  # BN keys (num_batches_tracked included) load
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.backbone.modules())
+    assert sum(isinstance(m, FrozenBatchNorm) for m in frozen.backbone.modules()) >= 20
+    x = torch.rand(4, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(frozen.eval()(x), plain.eval()(x), atol=1e-6)
+        frozen.train()
+        whole, half = frozen.backbone(x), frozen.backbone(x[:2])
+    assert all(torch.allclose(whole[lv][:2], half[lv], atol=1e-5) for lv in half)  # no batch statistics
+    frozen(x).features[0].sum().backward()
+    assert all(not p.requires_grad for m in frozen.backbone.modules() if isinstance(m, FrozenBatchNorm)
+               for p in m.parameters(recurse=False))
+    assert next(frozen.backbone.parameters()).grad is not None  # the convolutions still learn
+    plain.load_state_dict(frozen.state_dict(), strict=False)  # and back (no num_batches_tracked)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 stays bf16 through the frozen affine
+        assert frozen.backbone(x)[3].dtype == torch.bfloat16
+    frozen.meta = {}
+    assert export_onnx(frozen.eval(), tmp_path / "frozen.onnx", 64)["checked"]["embedding"] < 1e-3
+
+
 def test_channels_last_and_bf16_autocast() -> None:
     model = make("mmfl", "resnet18").to(memory_format=torch.channels_last)
     x = torch.rand(2, 3, 64, 96).contiguous(memory_format=torch.channels_last)

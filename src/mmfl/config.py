@@ -70,6 +70,7 @@ class ModelConfig:
     pretrained: str = "none"  # none | imagenet | path to a state dict
     last_stride: Literal[1, 2] = 1
     freeze_stages: int = 0  # backbone stages (0..4) kept frozen, for small CPU budgets
+    backbone_norm: Literal["bn", "frozen"] = "bn"  # frozen: ImageNet BN statistics and affine kept fixed
     fusion: Literal["none", "topdown", "bidirectional"] = "none"
     fusion_levels: list[int] = field(default_factory=lambda: [3, 4, 5])
     neck_width: int = 256

@@ -112,11 +112,60 @@ class Backbone(nn.Module):
                 p.requires_grad_(False)
         self.train(self.training)
 
+    def freeze_batchnorm(self) -> None:
+        """Replace every BatchNorm2d of the backbone by a :class:`FrozenBatchNorm` holding its current values.
+
+        Call after loading pretrained weights (the frozen statistics are those). Modules are
+        reachable twice (as attributes, for state-dict keys, and inside the stage Sequentials that
+        ``forward`` runs), so both references are swapped.
+        """
+        frozen = {id(m): FrozenBatchNorm(m) for m in self.modules() if isinstance(m, nn.BatchNorm2d)}
+        parents = {id(m): m for tree in (self, *self._stages) for m in tree.modules()}
+        for parent in parents.values():
+            for name, child in list(parent.named_children()):
+                if id(child) in frozen:
+                    setattr(parent, name, frozen[id(child)])
+
     def train(self, mode: bool = True) -> "Backbone":
         super().train(mode)
         for stage in self._stages[: self.frozen_stages]:
             stage.eval()
         return self
+
+
+class FrozenBatchNorm(nn.Module):
+    """BatchNorm2d with its statistics and affine fixed: one multiply-add per value, no batch reductions.
+
+    Why: in bf16 training on a GPU, batch norm (statistics, transform, and their backward
+    reductions) took 31.6 % of MMFL-Net's kernel time (``docs/BENCHMARKS.md``); a frozen one is an
+    element-wise affine that a compiler folds into the convolution before it. Detection and re-ID
+    toolkits offer the same switch for small per-GPU batches; here it is ``model.backbone_norm``,
+    and what it costs in accuracy is measured in ``docs/RESULTS.md``. The scale and shift are cast
+    to the input's dtype, so bf16 activations stay bf16 (a float32 buffer would promote them).
+    Keys are BatchNorm2d's (``num_batches_tracked`` is dropped on load), so ImageNet state dicts
+    and checkpoints load into either.
+    """
+
+    def __init__(self, bn: nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.eps = bn.eps
+        ones, zeros = torch.ones(bn.num_features), torch.zeros(bn.num_features)
+        for name, default in (("weight", ones), ("bias", zeros), ("running_mean", zeros), ("running_var", ones)):
+            value = getattr(bn, name)
+            self.register_buffer(name, (default if value is None else value.detach()).clone())
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        shape = (1, -1, 1, 1)
+        return torch.addcmul(shift.view(shape).to(x.dtype), x, scale.view(shape).to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
 def _remove_stride(stage: nn.Module) -> None:

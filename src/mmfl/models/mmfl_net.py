@@ -305,6 +305,8 @@ def build_model(cfg: Config, num_items: int, num_attributes: int, num_categories
         raise MMFLError(f"num_items must be at least 1 to build the ID classifiers, got {num_items}")
     backbone = Backbone(m.backbone, last_stride=m.last_stride)
     source = load_pretrained(backbone, m.pretrained)
+    if m.backbone_norm == "frozen":
+        backbone.freeze_batchnorm()
     backbone.freeze(m.freeze_stages)
     model = MMFLNet(
         backbone,

@@ -23,7 +23,8 @@ What a replay needs, and how :class:`CapturedStep` provides it:
 * Warm-up: the first ``warmup`` calls run eagerly on a side stream (cuDNN picks its algorithms,
   optimizer states are created), then the next call captures and replays. Every call is a real
   training step; none is spent on a dummy batch.
-A batch whose shapes or dtypes differ from the captured ones runs eagerly (logged once).
+A batch whose shapes or dtypes differ from the captured ones runs eagerly (logged once); so does
+every step after a capture that failed (logged, with the reason in :attr:`CapturedStep.failed`).
 """
 from __future__ import annotations
 
@@ -83,6 +84,7 @@ class CapturedStep:
         self._lrs: list[Tensor] = []
         self._fixed_lrs: list[float] = []
         self._warned = False
+        self.failed: str | None = None  # why capture failed, when it did (the step then stays eager)
 
     @property
     def captured(self) -> bool:
@@ -90,10 +92,17 @@ class CapturedStep:
 
     def __call__(self, *inputs: Tensor | None) -> dict[str, Tensor]:
         self.calls += 1
+        if self.failed is not None:
+            return self.update(*inputs)
         if self.graph is None and self.calls <= self.warmup:
             return self._eager_on_side_stream(inputs)
         if self.graph is None:
-            self._capture(inputs)
+            try:
+                self._capture(inputs)
+            except RuntimeError as exc:  # an operation that cannot be captured: train on, eagerly, and say so
+                self.failed = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                log.warning("CUDA graph capture failed, the step runs eagerly from now on: %s", self.failed)
+                return self.update(*inputs)  # capturing ran nothing: this batch still gets its step
         elif _signature(inputs) != self._signature:
             if not self._warned:
                 log.warning("a batch of another shape than the captured one runs eagerly: %s vs %s",
