@@ -25,7 +25,7 @@ fi
 status=0
 "$python" bench/gpu_bench.py --out "$out" "$@" 2>&1 | tee "$out/gpu_bench.log" || status=$?
 if [ -n "${REALPHOTO_SRC:-}" ]; then
-  variants="${REALPHOTO_VARIANTS:-mmfl,+batch-hard,+improved,mgn,global,imagenet-only,id-only,+attributes}"
+  variants="${REALPHOTO_VARIANTS:-mmfl,mmfl+frozen-bn,+batch-hard,+improved,mgn,global,imagenet-only,id-only,+attributes}"
   timeout "${REALPHOTO_TIMEOUT_S:-270}" "$python" bench/realphoto.py --device cuda --src "$REALPHOTO_SRC" \
     ${REALPHOTO_ITEMS:+--items "$REALPHOTO_ITEMS"} --seeds 0 --variants "$variants" --quiet \
     --work "${TMPDIR:-/tmp}/mmfl-realphoto-cuda" --json "$out/realphoto_cuda.json" 2>&1 \
