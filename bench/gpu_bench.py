@@ -28,7 +28,8 @@ Measurements (each in try/except: one failure is an ``error`` entry, never a los
   training pipeline (reader, PKSampler, train transforms, DataLoader workers, pinned memory,
   uint8 batches scaled on the GPU) vs the same step on one batch kept on the GPU; on a GPU the
   step is the graphed one (the fastest eager-built step, so the hardest to feed).
-* ``profile/mmfl/eager``: the profiler's operator table of a few eager steps (``gpu_profile.txt``).
+* ``profile/{mmfl,mmfl-frozen-bn}/eager``: the profiler's operator table of a few eager steps
+  (``gpu_profile.txt``, ``gpu_profile_mmfl-frozen-bn.txt``) and the GPU kernel time per step.
 
 ``--sections`` picks some of them; ``--smoke`` runs everything tiny on CPU (resnet18, 64 px,
 2 steps, no compile) so CI exercises the code. Writes ``gpu_bench.json`` and ``gpu_bench.md``
@@ -334,12 +335,13 @@ def graph_parity(s: Settings) -> dict[str, Any]:
             "max_loss_rel_diff": max(loss_rel), "weight_rel_diff": weight_rel}
 
 
-def profile_train(s: Settings, out_dir: Path) -> dict[str, Any]:
-    """Where the eager MMFL-Net step spends its GPU time: the top kernels, written to gpu_profile.txt."""
+def profile_train(s: Settings, out_dir: Path, which: str = "mmfl") -> dict[str, Any]:
+    """Where the eager step spends its GPU time: the top kernels (``gpu_profile[_<which>].txt``) and
+    the kernel time per step, the floor a CUDA graph can bring the step down to."""
     from torch.profiler import ProfilerActivity, profile
 
     batch = resident_train_batch(s)
-    model, criterion, cfg = build_mmfl(s)
+    model, criterion, cfg = build_mmfl(s, which=which)
     model.train()
     step = mmfl_step(model, criterion, cfg, s)
     for _ in range(s.warmup):
@@ -351,12 +353,19 @@ def profile_train(s: Settings, out_dir: Path) -> dict[str, Any]:
         for _ in range(steps):
             step(batch)
         sync(s.device)
-    key = "self_cuda_time_total" if s.device.type == "cuda" else "self_cpu_time_total"
-    text = prof.key_averages().table(sort_by=key, row_limit=30)
-    (out_dir / "gpu_profile.txt").write_text(f"# {steps} eager MMFL-Net training steps, sorted by {key}\n{text}\n")
+    cuda = s.device.type == "cuda"
+    events = prof.key_averages()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    name = "gpu_profile.txt" if which == "mmfl" else f"gpu_profile_{which}.txt"
+    (out_dir / name).write_text(f"# {steps} eager {which} training steps, sorted by {key}\n"
+                                f"{events.table(sort_by=key, row_limit=30)}\n")
+    rec: dict[str, Any] = {"steps": steps, "file": name}
+    if cuda:  # self times of all operators and kernels: each kernel counted once
+        total_us = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0) for e in events)
+        rec["kernel_ms_per_step"] = total_us / 1e3 / steps
     del model, step
     release(s.device)
-    return {"steps": steps, "file": "gpu_profile.txt"}
+    return rec
 
 
 def measure_extract(s: Settings, which: str, gemm: float | None) -> dict[str, Any]:
@@ -618,7 +627,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             continue
         notes = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()
                           if k in ("ratio_vs_resident", "warmup_s", "workers", "max_memory_gib", "compile", "cuda_graph",
-                                  "max_loss_rel_diff", "weight_rel_diff", "captured", "capture_failed"))
+                                  "max_loss_rel_diff", "weight_rel_diff", "captured", "capture_failed",
+                                  "kernel_ms_per_step"))
         lines.append(f"| {name} | {_cell(r, 'images_per_s')} | {_cell(r, 'step_ms')} | "
                      f"{_cell(r, 'gflops_per_image')} | {_cell(r, 'achieved_tflops')} | "
                      f"{format(r['mfu'] * 100, '.1f') + ' %' if 'mfu' in r else ''} | {notes} |")
@@ -736,8 +746,9 @@ def _run(args: argparse.Namespace, s: Settings, argv: list[str]) -> int:
         section(results, "e2e", lambda: measure_e2e(s), s, needs_s=30, several=True)
         save()
     if "profile" in wanted:
-        section(results, "profile/mmfl/eager", lambda: profile_train(s, args.out), s, needs_s=15)
-        save()
+        for which in ("mmfl", "mmfl-frozen-bn"):
+            section(results, f"profile/{which}/eager", lambda w=which: profile_train(s, args.out, w), s, needs_s=15)
+            save()
     for which, mode in s.compile_runs if "compile" in wanted else ():
         timeout = min(args.compile_timeout_s, s.deadline - time.monotonic())
         cache_dirs = (args.compile_cache, args.out / "compile-cache")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -120,9 +121,13 @@ def test_gpu_bench_smoke_writes_json_and_table(gpu_bench: ModuleType, tmp_path: 
     expected = {"train/mmfl/eager", "train/mmfl-frozen-bn/eager", "train/bare/eager", "extract/mmfl", "extract/bare",
                 "loader/jpeg", "e2e/mmfl/resident", "e2e/mmfl/jpeg"}
     results = report["results"]
-    assert set(results) == expected | {"profile/mmfl/eager"}
+    assert set(results) == expected | {"profile/mmfl/eager", "profile/mmfl-frozen-bn/eager"}
     profile = (tmp_path / results["profile/mmfl/eager"]["file"]).read_text()
     assert "Self CPU" in profile and "aten::" in profile  # the op table of the eager training step
+    frozen = (tmp_path / results["profile/mmfl-frozen-bn/eager"]["file"]).read_text()
+    # trained BN runs batch-norm operators; the frozen backbone's BN is a multiply-add (the neck's BN remains)
+    # (``aten::addcmul_``, in place, is the CPU AdamW's)
+    assert "batch_norm" in profile and re.search(r"aten::addcmul\s", frozen) and not re.search(r"aten::addcmul\s", profile)
     for name in expected:
         assert "error" not in results[name], (name, results[name])
         assert results[name]["images_per_s"] > 0
