@@ -614,6 +614,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     st, sm = report["settings"], report["summary"]
     lines = [
         f"# GPU benchmark ({report['env']['device_name']}, {report['created']})", "",
+        *(["**Smoke run** (CPU, toy sizes): it exercises the code; its rates, MFU and target lines "
+           "measure nothing.", ""] if report["smoke"] else []),
         f"Command: `{report['command']}`. MMFL-Net = `mmfl` preset on {st['backbone']}, bare = torchvision "
         f"{st['backbone']} classifier; {st['size']}x{st['size']}, P x K = {st['p']} x {st['k']} = {st['batch']}, "
         f"bf16 autocast: {st['amp']}, channels_last, fused AdamW. GEMM ({report['gemm'].get('dtype', '?')}, "

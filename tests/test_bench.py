@@ -143,7 +143,7 @@ def test_gpu_bench_smoke_writes_json_and_table(gpu_bench: ModuleType, tmp_path: 
     assert set(summary) >= {"gemm_tflops", "mmfl_train_best", "e2e_over_resident",
                             "extract_images_per_s_mmfl_over_bare"}
     table = (tmp_path / "gpu_bench.md").read_text()
-    assert "| train/mmfl/eager |" in table and "MFU" in table
+    assert "| train/mmfl/eager |" in table and "MFU" in table and "**Smoke run**" in table
     assert results["train/mmfl/eager"]["cuda_graph"] is False  # graphed rows and the parity check need CUDA
 
 
