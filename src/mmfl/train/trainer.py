@@ -264,6 +264,11 @@ def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: to
             account(*pending)
         if bar is not None:
             bar.close()
+        if train_step.graph is not None and epoch == start_epoch and info.is_main:
+            graph = train_step.graph
+            _log("train.cuda_graph: " + ("the step is captured and replayed as one CUDA graph" if graph.captured else
+                                         f"not captured ({graph.failed or 'fewer steps than the warm-up'}); "
+                                         "the step ran eagerly"))
         steps_done = max(1, min(steps_per_epoch, len(sampler)))
         row: dict[str, Any] = {
             "kind": "epoch", "epoch": epoch + 1, "step": global_step,
