@@ -116,7 +116,7 @@ def test_graphed_step_matches_eager_on_gpu() -> None:
 def test_trainer_runs_graphed_on_gpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``mmfl train`` with ``train.cuda_graph=true`` on a GPU: captured, finite losses, resumable."""
     root = tmp_path / "data"
-    generate(root, items=24, seed=5, size=64)
+    generate(root, items=60, seed=5, size=64)  # 42 training items: 10 steps of 4 items, 3 of them warm-up
     common = [f"data.root={root}", f"output_dir={tmp_path / 'run'}", "model.backbone=resnet18", "input.size=64",
               "train.batch_items=4", "train.images_per_item=2", "data.num_workers=0", "train.tensorboard=false",
               "train.eval_every=0", "train.warmup_epochs=0", "train.cuda_graph=true", "train.device=cuda"]
