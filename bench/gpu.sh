@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU session in one command, for a lent H100/H200 (no network, no installs: torch and
 # torchvision from the machine's image, mmfl from this checkout). Results go to $OUT (or
-# ./bench-out): gpu_bench.{json,md,log}, gpu_profile.txt, and with a real-photo source also
-# realphoto_cuda.{json,log}.
+# ./bench-out): gpu_bench.{json,md,log}, gpu_profile*.txt, gpu_tests.log (the GPU-only tests), and
+# with a real-photo source also realphoto_cuda.{json,log}.
 #   bash bench/gpu.sh            # the GPU benchmark (issue 8), under 5 minutes
 #   bash bench/gpu.sh --smoke    # tiny, on CPU (what CI runs through the test suite)
 # Then, when REALPHOTO_SRC names a clothing-small folder, the real-photo benchmark on the GPU
@@ -24,6 +24,12 @@ if command -v nvidia-smi >/dev/null 2>&1; then
 fi
 status=0
 "$python" bench/gpu_bench.py --out "$out" "$@" 2>&1 | tee "$out/gpu_bench.log" || status=$?
+# The tests that only a GPU can run (CUDA-graph parity, the graphed trainer, bf16 losses), when the
+# image has pytest; GPU_TESTS=0 skips them (about 40 s).
+if [ "${GPU_TESTS:-1}" != 0 ] && "$python" -c "import pytest, torch; assert torch.cuda.is_available()" 2>/dev/null; then
+  "$python" -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py tests/test_losses.py -k "cuda or gpu" \
+    2>&1 | tee "$out/gpu_tests.log" || status=$?
+fi
 if [ -n "${REALPHOTO_SRC:-}" ]; then
   variants="${REALPHOTO_VARIANTS:-mmfl,mmfl+frozen-bn,+batch-hard,+improved,mgn,global,imagenet-only,id-only,+attributes}"
   timeout "${REALPHOTO_TIMEOUT_S:-270}" "$python" bench/realphoto.py --device cuda --src "$REALPHOTO_SRC" \

@@ -72,7 +72,8 @@ def test_checkpoint_of_a_graphed_gpu_run_resumes_on_cpu(tmp_path: Path) -> None:
     generate(root, items=16, seed=5, size=64)
     common = [f"data.root={root}", f"output_dir={tmp_path / 'run'}", "model.backbone=resnet18", "input.size=64",
               "train.batch_items=4", "train.images_per_item=2", "data.num_workers=0", "train.tensorboard=false",
-              "train.eval_every=0", "train.max_steps_per_epoch=2", "train.warmup_epochs=0", "train.cuda_graph=true"]
+              "train.eval_every=0", "train.max_steps_per_epoch=2", "train.warmup_epochs=0", "train.cuda_graph=true",
+              "train.device=cpu"]
     first = train(load_config("global", [*common, "train.epochs=1"]), progress=False)
     last = first.last_checkpoint
     ckpt = read_checkpoint(last, map_location="cpu")
