@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from mmfl.losses.precision import autocast_off
+
 
 class CenterLoss(nn.Module):
     """``mean_i ||x_i - c_{y_i}||^2`` over the batch, with one learnable center per item."""
@@ -23,7 +25,7 @@ class CenterLoss(nn.Module):
         self.centers = nn.Parameter(torch.randn(num_classes, dim))
 
     def forward(self, features: Tensor, labels: Tensor) -> Tensor:
-        with torch.autocast(device_type=features.device.type, enabled=False):
+        with autocast_off(features):
             diff = features.float() - self.centers[labels]
             return diff.pow(2).sum(dim=1).mean()
 

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmfl.losses.precision import autocast_off
+
 
 def id_cross_entropy(logits: Tensor, labels: Tensor, smoothing: float) -> Tensor:
     """Cross-entropy over item IDs with label smoothing.
@@ -18,7 +20,7 @@ def id_cross_entropy(logits: Tensor, labels: Tensor, smoothing: float) -> Tensor
     classifier from becoming over-confident on the few images each item has, which otherwise
     overfits the ID head and hurts the retrieval features behind it.
     """
-    with torch.autocast(device_type=logits.device.type, enabled=False):
+    with autocast_off(logits):
         return F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
 
 
@@ -30,7 +32,7 @@ def attribute_bce(logits: Tensor, targets: Tensor) -> Tensor:
     that attributes are almost never present. The mean is over the known entries of the batch;
     a batch with none known gives 0 (still in the graph).
     """
-    with torch.autocast(device_type=logits.device.type, enabled=False):
+    with autocast_off(logits):
         x = logits.float()
         known = targets != 0
         per_entry = F.binary_cross_entropy_with_logits(x, (targets > 0).float(), reduction="none")
@@ -44,6 +46,6 @@ def category_cross_entropy(logits: Tensor, categories: Tensor) -> Tensor:
     A batch where every category is unknown gives 0 rather than PyTorch's NaN (sum over the
     known entries divided by their count, at least 1; no host sync needed).
     """
-    with torch.autocast(device_type=logits.device.type, enabled=False):
+    with autocast_off(logits):
         total = F.cross_entropy(logits.float(), categories, ignore_index=-1, reduction="sum")
         return total / (categories >= 0).sum().clamp(min=1)

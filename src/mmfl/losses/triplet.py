@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmfl.losses.precision import autocast_off
+
 # Squared distances are clamped to this before the square root: the derivative of sqrt is
 # infinite at 0, and two identical features (the same image twice, a collapsed embedding) are
 # common early in training. Below the clamp the gradient is exactly 0, never NaN.
@@ -24,7 +26,7 @@ _MIN_SQUARED_DISTANCE = 1e-12
 
 def pairwise_distances(features: Tensor) -> Tensor:
     """(..., N, D) -> (..., N, N) Euclidean distances, float32, with finite gradients everywhere."""
-    with torch.autocast(device_type=features.device.type, enabled=False):
+    with autocast_off(features):
         x = features.float()
         sq = x.pow(2).sum(dim=-1)
         d2 = sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2.0 * (x @ x.transpose(-1, -2))

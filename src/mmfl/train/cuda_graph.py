@@ -25,14 +25,21 @@ What a replay needs, and how :class:`CapturedStep` provides it:
   training step; none is spent on a dummy batch.
 A batch whose shapes or dtypes differ from the captured ones runs eagerly (logged once); so does
 every step after a capture that failed (logged, with the reason in :attr:`CapturedStep.failed`).
+
+Whether a step can be captured at all is checked without a GPU by :func:`capture_hazard`: it
+runs the step on the ``meta`` device, which, like a capturing GPU stream, has no data the host
+could read.
 """
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 log = logging.getLogger(__name__)
 
@@ -155,3 +162,48 @@ class CapturedStep:
         if now != self._fixed_lrs:
             raise RuntimeError(f"a learning rate frozen into the CUDA graph changed ({self._fixed_lrs} -> {now}); "
                                "pass that optimizer as scheduled")
+
+
+class _HostDataCopy(RuntimeError):
+    """Host memory copied to the device inside the step (a synchronous copy from pageable memory)."""
+
+
+class _RefuseHostToDevice(TorchDispatchMode):
+    """Raises on a copy from CPU memory to another device: the one hazard ``meta`` itself lets pass."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.copy_):
+            source = args[1] if func.overloadpacket is torch.ops.aten.copy_ else args[0]
+            target = args[0].device if func.overloadpacket is torch.ops.aten.copy_ else kwargs.get("device")
+            if isinstance(source, Tensor) and source.device.type == "cpu" and target is not None \
+                    and torch.device(target).type != "cpu":
+                raise _HostDataCopy(f"copies a host tensor of shape {tuple(source.shape)} to the device")
+        return func(*args, **kwargs)
+
+
+def capture_hazard(run: Callable[[], object], source_root: Path | None = None) -> str | None:
+    """Where ``run`` would break a CUDA graph capture, or None; ``run``'s tensors must be on ``meta``.
+
+    A captured step may not read device data on the host (``.item()``, ``float(t)``, ``if t:``,
+    ``.tolist()``, ``.cpu()``), size an output from data (``nonzero``, boolean-mask indexing,
+    ``unique``, ``repeat_interleave`` without ``output_size``) or copy host tensors to the device
+    (``torch.tensor(...).to(device)``). Meta tensors have no data, so each of these raises there;
+    the copy is caught by a dispatch mode. The answer names the innermost frame under
+    ``source_root`` (default: the mmfl package) and the error, e.g.
+    ``losses/triplet.py:71 (valid.sum().item()): Tensor.item() cannot be called on meta tensors``.
+    Not seen: ``torch.tensor(data, device=...)`` built directly on the device (no operator runs).
+    """
+    root = (source_root or Path(__file__).resolve().parents[1]).resolve()
+    try:
+        with _RefuseHostToDevice():
+            run()
+    except (RuntimeError, NotImplementedError) as exc:
+        here = Path(__file__).resolve()  # the dispatch mode's own frame is not the culprit
+        frames = [f for f in traceback.extract_tb(exc.__traceback__)
+                  if Path(f.filename).resolve().is_relative_to(root) and Path(f.filename).resolve() != here]
+        where = f"{Path(frames[-1].filename).resolve().relative_to(root)}:{frames[-1].lineno} ({frames[-1].line})" \
+            if frames else "outside " + str(root)
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return f"{where}: {message}"
+    return None

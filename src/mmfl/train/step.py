@@ -89,7 +89,10 @@ class TrainStep:
         def forward_loss(images: Tensor, labels: Tensor, domains: Tensor, attributes: Tensor | None,
                          categories: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
             # a CUDA graph replays the casts it recorded: autocast's weight cache must stay off
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp, cache_enabled=not cuda_graph):
+            if use_amp:
+                with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not cuda_graph):
+                    output = forward(images)
+            else:  # no autocast context at all: devices without autocast (meta) run the step too
                 output = forward(images)
             return criterion(output, labels, attributes, categories, domains)
 
@@ -111,15 +114,7 @@ class TrainStep:
 
     def _update(self, images: Tensor, labels: Tensor, domains: Tensor, attributes: Tensor | None,
                 categories: Tensor | None) -> dict[str, Tensor]:
-        if self._cudagraphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        total, terms = self._forward_loss(images, labels, domains, attributes, categories)
-        if self._cudagraphs:
-            terms = {k: v.clone() for k, v in terms.items()}
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.center_optimizer is not None:
-            self.center_optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        terms = self.forward_backward(images, labels, domains, attributes, categories)
         if self.grad_clip > 0:
             # foreach norm + in-place scale: no host sync (the clip coefficient stays on the device)
             torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip, foreach=True)
@@ -129,4 +124,22 @@ class TrainStep:
                 average_gradients(self._centers, self.dist_info)
             self.criterion.rescale_center_grads()
             self.center_optimizer.step()
+        return terms
+
+    def forward_backward(self, images: Tensor, labels: Tensor, domains: Tensor, attributes: Tensor | None,
+                         categories: Tensor | None) -> dict[str, Tensor]:
+        """Our part of the step: forward, multi-task loss, gradients; the rest is PyTorch's clip and optimizers.
+
+        Split out so that :func:`mmfl.train.cuda_graph.capture_hazard` can run exactly this
+        code on the ``meta`` device (where the foreach clip and fused AdamW do not exist).
+        """
+        if self._cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        total, terms = self._forward_loss(images, labels, domains, attributes, categories)
+        if self._cudagraphs:
+            terms = {k: v.clone() for k, v in terms.items()}
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.center_optimizer is not None:
+            self.center_optimizer.zero_grad(set_to_none=True)
+        total.backward()
         return terms
