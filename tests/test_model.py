@@ -1,9 +1,11 @@
 """MMFL-Net: shapes, the forward contract, gradients, pretrained loading, presets, model-info."""
 from __future__ import annotations
 
+import collections
 import importlib.util
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,7 +171,7 @@ def test_freeze_stages_stops_gradients_and_keeps_bn_statistics() -> None:
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v2"])
-def test_frozen_backbone_norm_is_a_fixed_affine(backbone: str, tmp_path) -> None:
+def test_frozen_backbone_norm_is_a_fixed_affine(backbone: str, tmp_path: Path) -> None:
     """``model.backbone_norm=frozen``: the same function as the BN model in eval mode, but in training
     no batch statistics (an image's features do not depend on its batch-mates) and no BN gradients;
     checkpoints of either kind load into the other, and the graph exports to ONNX."""
@@ -197,8 +199,23 @@ def test_frozen_backbone_norm_is_a_fixed_affine(backbone: str, tmp_path) -> None
     plain.load_state_dict(frozen.state_dict(), strict=False)  # and back (no num_batches_tracked)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 stays bf16 through the frozen affine
         assert frozen.backbone(x)[3].dtype == torch.bfloat16
-    frozen.meta = {}
+    frozen.meta, plain.meta = {}, {}
     assert export_onnx(frozen.eval(), tmp_path / "frozen.onnx", 64)["checked"]["embedding"] < 1e-3
+    export_onnx(plain.eval(), tmp_path / "plain.onnx", 64)
+    # exported as BatchNormalization, so ONNX Runtime folds it into the convolutions as it does the BN model's
+    assert _ort_optimised_ops(tmp_path / "frozen.onnx") == _ort_optimised_ops(tmp_path / "plain.onnx")
+
+
+def _ort_optimised_ops(path: Path) -> collections.Counter:
+    """Operator counts of the graph ONNX Runtime actually runs (after its fusions)."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(path.with_suffix(".ort.onnx"))
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
 
 
 def test_channels_last_and_bf16_autocast() -> None:
