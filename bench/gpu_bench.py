@@ -405,12 +405,13 @@ def jpeg_batches(s: Settings, data: Any, cfg: Any) -> Iterator[Any]:
 
     from mmfl.data.dataset import RecordDataset
     from mmfl.data.sampler import PKSampler
-    from mmfl.data.transforms import train_transform
+    from mmfl.data.transforms import train_source_size, train_transform
     from mmfl.train.step import Batch
 
     inp = cfg.input
     dataset = RecordDataset(data.records, train_transform(s.size, inp.flip, inp.crop_scale_min, inp.color_jitter,
-                                                          inp.random_erasing), data.labels)
+                                                          inp.random_erasing), data.labels,
+                            min_size=train_source_size(s.size, inp.crop_scale_min))
     sampler = PKSampler([r.item_id for r in data.records], [r.domain for r in data.records], s.p, s.k, seed=0)
     extra = {"persistent_workers": True, "prefetch_factor": PREFETCH} if s.workers else {}
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=s.workers,

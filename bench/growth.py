@@ -60,16 +60,15 @@ def train_overrides(root: Path, out: Path, size: int, backbone: str, workers: in
 
 def query_p50_ms(index_dir: Path, queries: list[Any], k: int) -> float:
     """Median decode + embed + search time of consumer photos against the index, warm process."""
-    from mmfl.data.images import open_image
     from mmfl.index.search import Searcher
 
     searcher = Searcher(index_dir)
     try:
-        searcher.search(open_image(queries[0].path), k=k, bbox=queries[0].box)  # warm-up
+        searcher.search_photo(queries[0].path, k=k, bbox=queries[0].box)  # warm-up
         times = []
         for record in queries:
             t0 = time.perf_counter()
-            searcher.search(open_image(record.path), k=k, bbox=record.box)
+            searcher.search_photo(record.path, k=k, bbox=record.box)
             times.append((time.perf_counter() - t0) * 1e3)
     finally:
         searcher.close()

@@ -1,9 +1,10 @@
 """CPU serving benchmark: one customer photo -> top-k, PyTorch eager vs ONNX Runtime, then over HTTP.
 
 Part 1, in process: the query path of ``mmfl search`` / ``mmfl serve`` taken apart: JPEG decode
-(``mmfl.data.images.open_image``), resize to the serving size (``eval_transform``), embedding
-(PyTorch eager or the ``mmfl export`` graph in ONNX Runtime) and exact FAISS search over a gallery
-of ``--gallery`` vectors; p50/p99 per stage and in total, one query at a time.
+(``mmfl.data.images.open_crop``, at the reduced JPEG scale the service uses), resize to the
+serving size (``eval_transform``), embedding (PyTorch eager or the ``mmfl export`` graph in
+ONNX Runtime) and exact FAISS search over a gallery of ``--gallery`` vectors; p50/p99 per stage
+and in total, one query at a time.
 
 Part 2, over HTTP: a real ``mmfl serve`` on 127.0.0.1 (index built by ``mmfl index`` from a small
 generated gallery), N concurrent clients posting the photo to ``/search`` for ``--duration``
@@ -106,7 +107,7 @@ def query_latency(engines: dict[str, Callable[[Any], Any]], photo: bytes, size: 
     """
     import torch
 
-    from mmfl.data.images import open_image
+    from mmfl.data.images import open_crop
     from mmfl.data.transforms import eval_transform
 
     transform = eval_transform(size)
@@ -115,7 +116,7 @@ def query_latency(engines: dict[str, Callable[[Any], Any]], photo: bytes, size: 
     for i in range(warmup + repeats):
         for engine, predict in engines.items():
             t0 = time.perf_counter()
-            image = open_image(photo, "benchmark photo")
+            image = open_crop(photo, None, "benchmark photo", min_size=size)[0]  # as Searcher.search_photo
             t1 = time.perf_counter()
             x = transform(image).unsqueeze(0)
             t2 = time.perf_counter()

@@ -185,6 +185,15 @@ def test_augment_bench_reports_every_pipeline(tmp_path: Path) -> None:
     assert all(rate > 0 for rate in row["images_per_s"].values())
 
 
+def test_decode_bench_reduced_jpeg_decode_matches_the_full_one(capsys: pytest.CaptureFixture[str]) -> None:
+    """Photos 10x the model input: the reduced decode (1/8 scale) gives the model nearly the same tensor."""
+    _run_main("decode", ["--generate", "2", "--photo-size", "640x480", "--size", "48", "--repeats", "1"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["images"] == 2 and report["first_shape"] == "640x480"
+    assert set(report["images_per_s"]) == {"pil-full", "pil-reduced", "torchvision.io"}
+    assert report["mean_abs_diff_vs_full"]["pil-reduced"] < 0.01
+
+
 def test_step_ops_batched_loss_launches_fewer_operators(tmp_path: Path) -> None:
     out = tmp_path / "ops.json"
     _run_main("step_ops", ["--backbone", "resnet18", "--size", "32", "--items", "20", "--repeats", "1",

@@ -98,6 +98,28 @@ def test_gallery_image_finds_its_own_item_first(flat_index: Path, gallery: Path,
         assert answer["query"]["k"] == 5 and answer["query"]["width"] == 48
 
 
+def test_phone_size_photo_is_decoded_small_and_answers_as_a_full_decode(flat_index: Path, gallery: Path,
+                                                                        tmp_path: Path) -> None:
+    """A gallery image enlarged to 1920 px (a phone photo) is decoded at 1/8 scale by ``search_photo``:
+    the same items in the same order, scores within 0.01 of the full decode's, and the full size reported."""
+    from PIL import Image
+
+    big = tmp_path / "phone.jpg"
+    Image.open(gallery / "id_04_shop_0.png").convert("RGB").resize((1920, 1920), Image.Resampling.BICUBIC).save(
+        big, quality=92)
+    searcher = Searcher(flat_index)
+    try:
+        reduced = searcher.search_photo(big, k=5, bbox=(80, 80, 1840, 1880))
+        full = searcher.search(open_image(big), k=5, bbox=(80, 80, 1840, 1880))
+    finally:
+        searcher.close()
+    assert [r["item_id"] for r in reduced["results"]] == [r["item_id"] for r in full["results"]]
+    assert reduced["results"][0]["item_id"] == "id_04"
+    assert all(abs(a["score"] - b["score"]) < 0.01 for a, b in zip(reduced["results"], full["results"]))
+    query = reduced["query"]
+    assert (query["width"], query["height"], query["bbox"]) == (1920, 1920, [80, 80, 1840, 1880])
+
+
 def test_search_table_bbox_and_filters(flat_index: Path, gallery: Path, capsys) -> None:
     capsys.readouterr()
     assert main(["search", str(flat_index), str(gallery / "id_02_shop_0.png"), "--top-k", "3"]) == 0

@@ -57,7 +57,7 @@ def extract_features(
 
     device = torch.device(device)
     loader = DataLoader(
-        RecordDataset(records, eval_transform(size)),
+        RecordDataset(records, eval_transform(size), min_size=size),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,

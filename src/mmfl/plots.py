@@ -71,7 +71,7 @@ def plot_ranked_grid(
 
 
 def _show(ax, record: Record, label: str, colour: str) -> None:
-    img = load_crop(record.path, record.box, record.path)
+    img = load_crop(record.path, record.box, record.path, min_size=THUMB_PX)
     img.thumbnail((THUMB_PX, THUMB_PX))
     ax.imshow(np.asarray(img))
     ax.set_xticks([])

@@ -91,7 +91,6 @@ def run(args: argparse.Namespace) -> int:
     done("eval")
 
     stage("index + search")
-    from mmfl.data.images import open_image
     from mmfl.index.build import build_index
     from mmfl.index.search import Searcher
 
@@ -100,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     query = catalog.split("test", "consumer")[0]
     searcher = Searcher(out / "index")
     try:
-        answer = searcher.search(open_image(query.path), k=5, bbox=query.box)
+        answer = searcher.search_photo(query.path, k=5, bbox=query.box)
     finally:
         searcher.close()
     print(f"query {Path(query.path).relative_to(data.resolve())} (item {query.item_id}):")

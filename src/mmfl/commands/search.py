@@ -26,16 +26,14 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmfl.data.images import open_image
     from mmfl.index.search import Searcher, parse_bbox
     from mmfl.index.store import parse_filters
 
     flt = parse_filters(args.filter)
     bbox = parse_bbox(args.bbox) if args.bbox else None
-    photo = open_image(args.image)
     searcher = Searcher(args.index, args.checkpoint, args.device, args.onnx)
     try:
-        answer = searcher.search(photo, k=args.top_k, bbox=bbox, flt=flt)
+        answer = searcher.search_photo(args.image, k=args.top_k, bbox=bbox, flt=flt)
     finally:
         searcher.close()
     print(json.dumps(answer, indent=2, ensure_ascii=False) if args.json else format_table(answer))

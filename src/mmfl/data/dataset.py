@@ -18,10 +18,14 @@ class RecordDataset(Dataset):
     annotation line it came from; readers validate images up front, so these are rare.
     """
 
-    def __init__(self, records: Sequence[Record], transform: ImageTransform, labels: dict[str, int] | None = None):
+    def __init__(self, records: Sequence[Record], transform: ImageTransform, labels: dict[str, int] | None = None,
+                 min_size: int = 0):
+        """``min_size``: the size below which ``transform`` never needs a crop; larger JPEGs decode
+        at a reduced scale (:func:`mmfl.data.images.open_crop`). 0 decodes at full size."""
         self.records = list(records)
         self.transform = transform
         self.labels = labels or {}
+        self.min_size = min_size
 
     def __len__(self) -> int:
         return len(self.records)
@@ -29,5 +33,5 @@ class RecordDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         rec = self.records[index]
         name = f"{rec.path} ({rec.source})" if rec.source else rec.path
-        img = load_crop(rec.path, rec.box, name)
+        img = load_crop(rec.path, rec.box, name, self.min_size)
         return self.transform(img), self.labels.get(rec.item_id, -1), index

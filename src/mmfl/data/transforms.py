@@ -96,6 +96,20 @@ class ColorJitterAffine:
         return img.convert("RGB", matrix=tuple(torch.cat([a, t.unsqueeze(1)], dim=1).flatten().tolist()))
 
 
+#: Aspect ratios of the training crop (torchvision's default range).
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def train_source_size(size: int, crop_scale_min: float) -> int:
+    """The shorter source side above which :func:`train_transform` only ever shrinks its random crop.
+
+    The crop keeps at least ``crop_scale_min`` of the area at an aspect ratio of at least 3/4, so
+    each of its sides is at least ``sqrt(crop_scale_min * 3/4)`` of the source's shorter side;
+    decoding a photo larger than this (``RecordDataset(min_size=...)``) buys nothing.
+    """
+    return math.ceil(size / math.sqrt(crop_scale_min * min(CROP_RATIO)))
+
+
 def train_transform(
     size: int,
     flip: bool = True,
@@ -109,7 +123,7 @@ def train_transform(
     the pinned-memory copy and the host-to-device transfer. :func:`to_float_images` scales the
     batch to [0, 1] on the training device. Erased boxes are mid-grey (128).
     """
-    steps: list = [v2.RandomResizedCrop((size, size), scale=(crop_scale_min, 1.0), antialias=True)]
+    steps: list = [v2.RandomResizedCrop((size, size), scale=(crop_scale_min, 1.0), ratio=CROP_RATIO, antialias=True)]
     if flip:
         steps.append(v2.RandomHorizontalFlip())
     if color_jitter > 0:

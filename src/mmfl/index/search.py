@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mmfl.data.images import check_box
+from mmfl.data.images import check_box, open_crop
 from mmfl.data.records import Box
 from mmfl.errors import DataError, GalleryIndexError, MMFLError
 from mmfl.index.build import check_compatible, model_input_size
@@ -158,6 +158,21 @@ class Searcher:
                 "took_ms": round((time.perf_counter() - start) * 1000, 1),
             },
         }
+
+    def search_photo(self, source: str | Path | bytes, name: str | None = None, k: int = 20,
+                     bbox: Box | None = None, flt: Filter = Filter()) -> dict[str, Any]:
+        """:meth:`search` for an encoded photo (a path or uploaded bytes), decoded no larger than the model needs.
+
+        A phone photo is shrunk to the model's input anyway, so it is decoded at a reduced JPEG
+        scale (:func:`mmfl.data.images.open_crop`); the answer still reports the photo's full
+        size and the box as given.
+        """
+        if not 1 <= k <= MAX_K:
+            raise DataError(f"k={k}: must be between 1 and {MAX_K}")
+        photo, (width, height) = open_crop(source, bbox, name, min_size=model_input_size(self.model))
+        answer = self.search(photo, k=k, flt=flt)
+        answer["query"].update(width=width, height=height, bbox=list(bbox) if bbox else None)
+        return answer
 
     def close(self) -> None:
         self.store.close()

@@ -4,9 +4,9 @@ The model and the index are loaded once, when the app is created, and shared by 
 (FastAPI runs the plain ``def`` endpoints in its thread pool; inference and index reads are
 thread-safe). Uploads are bounded twice: by ``Content-Length`` and by counting the bytes that
 actually arrive (a chunked upload has no length), both answered with 413 before any decoding.
-Images are decoded only through :func:`mmfl.data.images.open_image`, which refuses non-images
-and decompression bombs. Item images are served by looking the item id up in the index, so
-a request can only ever reach a file the index recorded.
+Photos are decoded only through :func:`mmfl.data.images.open_crop` (``Searcher.search_photo``),
+which refuses non-images and decompression bombs. Item images are served by looking the item
+id up in the index, so a request can only ever reach a file the index recorded.
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmfl import __version__
-from mmfl.data.images import open_image
 from mmfl.errors import CheckpointError, DataError, GalleryIndexError, MMFLError
 from mmfl.index.search import MAX_K, Searcher, parse_bbox
 from mmfl.index.store import parse_filters
@@ -143,8 +142,7 @@ def create_app(index_dir: str | Path, checkpoint: str | Path | None = None, devi
             raise DataError("uploaded image is empty")
         box = parse_bbox(bbox) if bbox and bbox.strip() else None
         flt = parse_filters(f for f in filters if f.strip())
-        photo = open_image(data, f"uploaded image '{image.filename or 'image'}'")
-        answer = searcher.search(photo, k=k, bbox=box, flt=flt)
+        answer = searcher.search_photo(data, f"uploaded image '{image.filename or 'image'}'", k=k, bbox=box, flt=flt)
         for result in answer["results"]:
             images = searcher.store.images_of(result["item_id"])
             n = images.index(result["image"]) if result["image"] in images else 0

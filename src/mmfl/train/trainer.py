@@ -28,7 +28,7 @@ from mmfl.data.dataset import RecordDataset
 from mmfl.data.formats import read_dataset
 from mmfl.data.records import Catalog, Record
 from mmfl.data.sampler import PKSampler
-from mmfl.data.transforms import train_transform
+from mmfl.data.transforms import train_source_size, train_transform
 from mmfl.errors import MMFLError
 from mmfl.train.distributed import DistInfo, barrier, init_distributed, shutdown
 from mmfl.train.schedule import lr_multiplier
@@ -188,6 +188,7 @@ def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: to
         train_transform(cfg.input.size, cfg.input.flip, cfg.input.crop_scale_min, cfg.input.color_jitter,
                         cfg.input.random_erasing),
         data.labels,
+        min_size=train_source_size(cfg.input.size, cfg.input.crop_scale_min),
     )
     global_step = start_epoch * steps_per_epoch
 
