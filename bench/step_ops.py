@@ -23,7 +23,6 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor

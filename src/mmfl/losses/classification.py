@@ -5,7 +5,6 @@ and sigmoid cross-entropy lose too much precision in bf16.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
