@@ -167,8 +167,6 @@ class Searcher:
         scale (:func:`mmfl.data.images.open_crop`); the answer still reports the photo's full
         size and the box as given.
         """
-        if not 1 <= k <= MAX_K:
-            raise DataError(f"k={k}: must be between 1 and {MAX_K}")
         photo, (width, height) = open_crop(source, bbox, name, min_size=model_input_size(self.model))
         answer = self.search(photo, k=k, flt=flt)
         answer["query"].update(width=width, height=height, bbox=list(bbox) if bbox else None)
