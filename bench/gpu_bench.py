@@ -172,7 +172,7 @@ def bare_step(model: torch.nn.Module, s: Settings, compile_mode: str | None = No
               cuda_graph: bool = False) -> Callable[[Any], Any]:
     """The reference: a torchvision classifier, cross-entropy, fused AdamW; compiled and graphed like MMFL-Net."""
     from mmfl.train.cuda_graph import CapturedStep
-    from mmfl.train.step import GRAPH_COMPILE_MODES
+    from mmfl.config import GRAPH_COMPILE_MODES
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=3.5e-4, fused=s.device.type == "cuda")
 
@@ -522,7 +522,8 @@ def split_mode(mode: str) -> tuple[str, bool]:
 
 def parse_compile_runs(text: str) -> tuple[tuple[str, str], ...]:
     """``"mmfl:default,bare:default+graph"`` -> (("mmfl", "default"), ("bare", "default+graph"))."""
-    from mmfl.train.step import COMPILE_MODES, GRAPH_COMPILE_MODES
+    from mmfl.config import GRAPH_COMPILE_MODES
+    from mmfl.train.step import COMPILE_MODES
 
     allowed = [*COMPILE_MODES, *(f"{m}+graph" for m in COMPILE_MODES if m not in GRAPH_COMPILE_MODES)]
     runs = []

@@ -93,6 +93,10 @@ class LossConfig:
     category_weight: float = 0.0  # 0 disables the category CE
 
 
+#: ``torch.compile`` modes that replay CUDA graphs of their own (they cannot nest inside a whole-step graph).
+GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 30
@@ -233,7 +237,7 @@ def validate(cfg: Config) -> None:
     if cfg.train.cuda_graph and cfg.train.optimizer != "adamw":
         raise ConfigError("train.cuda_graph: needs train.optimizer=adamw (fused AdamW reads its scheduled lr "
                           "from GPU memory; SGD's would be frozen into the graph)")
-    if cfg.train.cuda_graph and cfg.train.compile and cfg.train.compile_mode in ("reduce-overhead", "max-autotune"):
+    if cfg.train.cuda_graph and cfg.train.compile and cfg.train.compile_mode in GRAPH_COMPILE_MODES:
         raise ConfigError(f"train.cuda_graph: compile_mode {cfg.train.compile_mode} makes its own CUDA graphs; "
                           "use default or max-autotune-no-cudagraphs with it")
     if not 0.0 <= cfg.loss.cross_domain_weight <= 1.0:

@@ -16,14 +16,13 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from mmfl.config import GRAPH_COMPILE_MODES
 from mmfl.data.transforms import to_float_images
 from mmfl.train.cuda_graph import CapturedStep
 from mmfl.train.distributed import DistInfo, average_gradients
 
 #: ``torch.compile`` modes the trainer accepts (``train.compile_mode``).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-#: Modes that already replay CUDA graphs of their own (they cannot nest inside a whole-step graph).
-GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
 
 @dataclass
