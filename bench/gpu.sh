@@ -5,6 +5,8 @@
 # with a real-photo source also realphoto_cuda.{json,log}.
 #   bash bench/gpu.sh            # the GPU benchmark (issue 8), under 5 minutes
 #   bash bench/gpu.sh --smoke    # tiny, on CPU (what CI runs through the test suite)
+#   bash bench/gpu.sh --sections e2e   # the input pipelines alone: CPU-worker JPEG loader vs
+#                                      # data.decode=gpu (nvJPEG + augmentation on the GPU)
 # Then, when REALPHOTO_SRC names a clothing-small folder, the real-photo benchmark on the GPU
 # (bench/realphoto.py --device cuda), stopped after REALPHOTO_TIMEOUT_S seconds (default 270;
 # it writes its JSON after every variant, so a stop keeps what finished). REALPHOTO_ITEMS caps
@@ -24,11 +26,13 @@ if command -v nvidia-smi >/dev/null 2>&1; then
 fi
 status=0
 "$python" bench/gpu_bench.py --out "$out" "$@" 2>&1 | tee "$out/gpu_bench.log" || status=$?
-# The tests that only a GPU can run (CUDA-graph parity, the graphed trainer, bf16 losses), when the
+# The tests that only a GPU can run (CUDA-graph parity, the graphed trainer, bf16 losses, nvJPEG), when the
 # image has pytest; GPU_TESTS=0 skips them (about 40 s).
 if [ "${GPU_TESTS:-1}" != 0 ] && "$python" -c "import pytest, torch; assert torch.cuda.is_available()" 2>/dev/null; then
   "$python" -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py tests/test_losses.py -k "cuda or gpu" \
     2>&1 | tee "$out/gpu_tests.log" || status=$?
+  "$python" -m pytest -q -p no:cacheprovider tests/test_gpu_decode.py -k "cuda" \
+    2>&1 | tee -a "$out/gpu_tests.log" || status=$?
 fi
 if [ -n "${REALPHOTO_SRC:-}" ]; then
   variants="${REALPHOTO_VARIANTS:-mmfl,mmfl+frozen-bn,+batch-hard,+improved,mgn,global,imagenet-only,id-only,+attributes}"

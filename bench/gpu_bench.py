@@ -28,6 +28,9 @@ Measurements (each in try/except: one failure is an ``error`` entry, never a los
   training pipeline (reader, PKSampler, train transforms, DataLoader workers, pinned memory,
   uint8 batches scaled on the GPU) vs the same step on one batch kept on the GPU; on a GPU the
   step is the graphed one (the fastest eager-built step, so the hardest to feed).
+* ``loader/jpeg-gpu-decode``, ``e2e/mmfl/jpeg-gpu-decode``: the same with ``data.decode=gpu``
+  (:mod:`mmfl.data.gpu_decode`): the workers only read file bytes, and each batch is decoded by
+  nvJPEG in one call and augmented on the GPU. The smoke run decodes on its CPU device.
 * ``profile/{mmfl,mmfl-frozen-bn}/eager``: the profiler's operator table of a few eager steps
   (``gpu_profile.txt``, ``gpu_profile_mmfl-frozen-bn.txt``) and the GPU kernel time per step.
 
@@ -127,7 +130,7 @@ def build_mmfl(s: Settings, num_items: int | None = None, num_attributes: int = 
     from mmfl.losses import build_criterion
     from mmfl.models import build_model
 
-    cfg = load_config("mmfl", [f"model.backbone={s.backbone}", f"input.size={s.size}",
+    cfg = load_config("mmfl", [f"model.backbone={s.backbone}", "model.pretrained=none", f"input.size={s.size}",
                                f"train.batch_items={s.p}", f"train.images_per_item={s.k}", *MODELS[which]])
     num_items = num_items or s.num_items
     model = build_model(cfg, num_items, num_attributes).to(s.device).to(memory_format=torch.channels_last)
@@ -395,68 +398,110 @@ def make_dataset(s: Settings, root: Path) -> Any:
     generate(root, s.synth_items, seed=0, size=s.size, workers=max(1, min(16, os.cpu_count() or 1)))
     log(f"synth: {s.synth_items} items at {s.size} px in {time.perf_counter() - t0:.1f}s")
     cfg = load_config("mmfl", [f"data.root={root}", "data.format=deepfashion-c2s", f"input.size={s.size}",
-                               f"model.backbone={s.backbone}"])
+                               f"model.backbone={s.backbone}", "model.pretrained=none"])
     return prepare_data(cfg), cfg
 
 
-def jpeg_batches(s: Settings, data: Any, cfg: Any) -> Iterator[Any]:
-    """Endless host-side batches (pinned images) from the training pipeline, as ``mmfl train`` builds them."""
+def jpeg_batches(s: Settings, data: Any, cfg: Any, decode_device: torch.device | None = None) -> Iterator[Any]:
+    """Endless batches from the training pipeline, as ``mmfl train`` builds them.
+
+    Without ``decode_device`` (``data.decode=cpu``): pinned host batches, decoded and augmented
+    by the workers. With it (``data.decode=gpu``): the workers read file bytes only, and each batch
+    is decoded and augmented on ``decode_device`` (:class:`mmfl.data.gpu_decode.DeviceBatches`).
+    """
     from torch.utils.data import DataLoader
 
-    from mmfl.data.dataset import RecordDataset
+    from mmfl.data.gpu_decode import DeviceBatches, TrainAugment, collate_encoded
     from mmfl.data.sampler import PKSampler
-    from mmfl.data.transforms import train_source_size, train_transform
     from mmfl.train.step import Batch
+    from mmfl.train.trainer import train_dataset
 
     inp = cfg.input
-    dataset = RecordDataset(data.records, train_transform(s.size, inp.flip, inp.crop_scale_min, inp.color_jitter,
-                                                          inp.random_erasing), data.labels,
-                            min_size=train_source_size(s.size, inp.crop_scale_min))
+    dataset = train_dataset(cfg, data, decode_device)
     sampler = PKSampler([r.item_id for r in data.records], [r.domain for r in data.records], s.p, s.k, seed=0)
     extra = {"persistent_workers": True, "prefetch_factor": PREFETCH} if s.workers else {}
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=s.workers,
-                        pin_memory=s.device.type == "cuda", **extra)
+                        pin_memory=s.device.type == "cuda" and decode_device is None,
+                        collate_fn=None if decode_device is None else collate_encoded, **extra)
+    augment = TrainAugment(s.size, inp.flip, inp.crop_scale_min, inp.color_jitter, inp.random_erasing)
     epoch = 0
     while True:
         sampler.set_epoch(epoch)
-        for images, labels, index in loader:
+        batches = loader if decode_device is None else DeviceBatches(loader, decode_device, augment, seed=epoch)
+        for images, labels, index in batches:
             attrs = data.attributes[labels] if data.attributes.shape[1] else None
             yield Batch(images, labels, data.record_domains[index], attrs)
         epoch += 1
 
 
+#: The input pipelines fed to the step: (row suffix, whether JPEGs are decoded on the training device).
+PIPELINES = (("jpeg", False), ("jpeg-gpu-decode", True))
+
+
 def measure_e2e(s: Settings) -> dict[str, Any]:
-    """Loader alone, the step on one resident batch, and the step fed by the loader: the ratio."""
+    """Per input pipeline (CPU workers decode; ``data.decode=gpu``): the loader alone and the step fed
+    by it, as a ratio to the same step on one batch kept on the device.
+
+    The GPU-decode pipeline decodes on ``s.device``: on the smoke run's CPU that exercises the
+    code (torchvision decodes lists on the CPU too), its rates mean nothing. A pipeline that fails
+    is an ``error`` row; the other is still measured.
+    """
+    from mmfl.data.gpu_decode import device_decode_problem
+
     root = Path(tempfile.mkdtemp(prefix="mmfl-gpu-bench-")) / "synth"
     try:
         data, cfg = make_dataset(s, root)
-        batches = jpeg_batches(s, data, cfg)
-        queued = max(1, s.workers * PREFETCH)  # batches the loader holds ready: drained before each timing
-
-        def drain() -> None:
-            for _ in range(queued):
-                next(batches)
-
-        loader_s, _ = timed_loop(lambda: next(batches), queued, s.steps, torch.device("cpu"))
-        out: dict[str, Any] = {"loader/jpeg": {"images_per_s": s.batch / loader_s, "workers": s.workers,
-                                               "train_images": len(data.records), "items": data.num_items}}
-        resident = next(batches).to(s.device, channels_last=True)
-        attrs = resident.attributes
-        model, criterion, mcfg = build_mmfl(s, data.num_items, 0 if attrs is None else attrs.shape[1])
+        model, criterion, mcfg = build_mmfl(s, data.num_items, int(data.attributes.shape[1]))
         model.train()
         graphed = s.device.type == "cuda"
         step = mmfl_step(model, criterion, mcfg, s, cuda_graph=graphed)
-        resident_s, _ = timed_loop(lambda: step(resident), s.warmup, s.steps, s.device)
-        drain()  # the queue filled up while the resident step ran
-        fed_s, _ = timed_loop(lambda: step(next(batches).to(s.device, channels_last=True)), s.warmup, s.steps, s.device)
-        out["e2e/mmfl/resident"] = rate_record(s, resident_s, s.batch, None, None, cuda_graph=graphed)
-        out["e2e/mmfl/jpeg"] = rate_record(s, fed_s, s.batch, None, None, ratio_vs_resident=resident_s / fed_s,
-                                           workers=s.workers, cuda_graph=graphed)
-        del model, step, batches
+        out: dict[str, Any] = {}
+        resident_s: float | None = None
+        for name, on_device in PIPELINES:
+            problem = device_decode_problem(s.device) if on_device and s.device.type == "cuda" else None
+            if problem is not None:
+                out[f"e2e/mmfl/{name}"] = {"error": problem}
+                continue
+            try:
+                rows, resident_s = _pipeline_rows(s, data, cfg, step, name, s.device if on_device else None, resident_s)
+            except Exception as exc:  # one pipeline failing must not lose the other's rows
+                traceback.print_exc()
+                reason = str(exc).splitlines()[0] if str(exc) else ""
+                out[f"e2e/mmfl/{name}"] = {"error": f"{type(exc).__name__}: {reason}"}
+                continue
+            out.update(rows)
+        resident = {} if resident_s is None else {
+            "e2e/mmfl/resident": rate_record(s, resident_s, s.batch, None, None, cuda_graph=graphed)}
+        del model, step
         release(s.device)
-        return out
+        return {**resident, **out}
     finally:
         shutil.rmtree(root.parent, ignore_errors=True)
+
+
+def _pipeline_rows(s: Settings, data: Any, cfg: Any, step: Any, name: str, decode_device: torch.device | None,
+                   resident_s: float | None) -> tuple[dict[str, Any], float]:
+    """``loader/<name>`` and ``e2e/mmfl/<name>`` for one pipeline; times the resident step first if not yet done."""
+    batches = jpeg_batches(s, data, cfg, decode_device)
+    queued = max(1, s.workers * PREFETCH)  # batches the loader holds ready: drained before each timing
+
+    def drain() -> None:
+        for _ in range(queued):
+            next(batches)
+
+    where = {"decode_device": str(decode_device)} if decode_device is not None else {}
+    loader_s, _ = timed_loop(lambda: next(batches), queued, s.steps, s.device)
+    rows: dict[str, Any] = {f"loader/{name}": {"images_per_s": s.batch / loader_s, "workers": s.workers,
+                                               "train_images": len(data.records), "items": data.num_items, **where}}
+    if resident_s is None:
+        resident = next(batches).to(s.device, channels_last=True)
+        resident_s, _ = timed_loop(lambda: step(resident), s.warmup, s.steps, s.device)
+    drain()  # the queue filled up while the step ran
+    fed_s, _ = timed_loop(lambda: step(next(batches).to(s.device, channels_last=True)), s.warmup, s.steps, s.device)
+    rows[f"e2e/mmfl/{name}"] = rate_record(s, fed_s, s.batch, None, None, ratio_vs_resident=resident_s / fed_s,
+                                           workers=s.workers, cuda_graph=s.device.type == "cuda", **where)
+    del batches
+    return rows, resident_s
 
 
 def cache_file(folder: Path, which: str, mode: str) -> Path:
@@ -586,6 +631,8 @@ def summarise(results: dict[str, Any], gemm: float | None) -> dict[str, Any]:
     bare = {k: v["mfu"] for k, v in results.items() if k.startswith("train/bare/") and "mfu" in v}
     best = max(mmfl.items(), key=lambda kv: kv[1]) if mmfl else None
     e2e = get("e2e/mmfl/jpeg", "ratio_vs_resident")
+    e2e_gpu = get("e2e/mmfl/jpeg-gpu-decode", "ratio_vs_resident")
+    load_cpu, load_gpu = get("loader/jpeg", "images_per_s"), get("loader/jpeg-gpu-decode", "images_per_s")
     ex_m, ex_b = get("extract/mmfl", "images_per_s"), get("extract/bare", "images_per_s")
     tr_m, tr_b = get("train/mmfl/eager", "images_per_s"), get("train/bare/eager", "images_per_s")
     return {
@@ -599,6 +646,9 @@ def summarise(results: dict[str, Any], gemm: float | None) -> dict[str, Any]:
         "e2e_over_resident": e2e,
         "e2e_target": TARGETS["e2e_over_resident"],
         "e2e_met": bool(e2e and e2e >= TARGETS["e2e_over_resident"]),
+        "e2e_gpu_decode_over_resident": e2e_gpu,
+        "e2e_gpu_decode_met": bool(e2e_gpu and e2e_gpu >= TARGETS["e2e_over_resident"]),
+        "loader_gpu_decode_over_cpu_workers": load_gpu / load_cpu if load_gpu and load_cpu else None,
         "graph_parity_max_loss_rel_diff": get("graph/parity", "max_loss_rel_diff"),
         "reference_h100_2026_11_27": REFERENCE,
     }
@@ -630,7 +680,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             lines.append(f"| {name} | | | | | | {r['error']} |")
             continue
         notes = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()
-                          if k in ("ratio_vs_resident", "warmup_s", "workers", "max_memory_gib", "compile", "cuda_graph",
+                          if k in ("ratio_vs_resident", "warmup_s", "workers", "decode_device", "max_memory_gib",
+                                   "compile", "cuda_graph",
                                   "max_loss_rel_diff", "weight_rel_diff", "captured", "capture_failed",
                                   "kernel_ms_per_step"))
         lines.append(f"| {name} | {_cell(r, 'images_per_s')} | {_cell(r, 'step_ms')} | "
@@ -643,7 +694,9 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"- MMFL-Net training MFU, best variant: {best.get('variant')} {100 * best.get('mfu', 0):.1f} % "
         f"(target {100 * sm['mmfl_train_mfu_target']:.0f} %: {met[sm['mmfl_train_mfu_met']]}).",
         f"- End-to-end from JPEG / GPU-resident: {_num(sm['e2e_over_resident'])} "
-        f"(target {sm['e2e_target']}: {met[sm['e2e_met']]}).",
+        f"(target {sm['e2e_target']}: {met[sm['e2e_met']]}); with data.decode=gpu: "
+        f"{_num(sm['e2e_gpu_decode_over_resident'])} ({met[sm['e2e_gpu_decode_met']]}); "
+        f"its loader alone / the CPU workers' {_num(sm['loader_gpu_decode_over_cpu_workers'])}.",
         f"- Images/s MMFL-Net / bare: training (eager) {_num(sm['train_images_per_s_mmfl_over_bare_eager'])}, "
         f"extraction {_num(sm['extract_images_per_s_mmfl_over_bare'])}.",
         f"- Reference (H100, 2026-11-27): {json.dumps(REFERENCE)}.",

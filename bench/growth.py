@@ -92,7 +92,7 @@ def measure_size(items: int, work: Path, args: argparse.Namespace) -> dict[str, 
     checkpoint = run / "checkpoints" / "last.pt"
     index_dir = work / f"index{items}"
     index = run_measured(["index", str(checkpoint), "--data", str(root), "--format", "deepfashion-c2s",
-                          "--split", "train", "--out", str(index_dir), "--workers", str(args.workers), "--quiet"])
+                          "--split", "train", "--out", str(index_dir), "--workers", str(args.workers), "--no-progress"])
     gallery = json.loads((index_dir / "manifest.json").read_text())["count"]
     queries = catalog.split("test", "consumer")[: args.queries]
     epoch_images = epoch["step"] * 32  # one epoch = one P x K batch per 8 items

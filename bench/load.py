@@ -80,14 +80,14 @@ def build_index(work: Path, items: int, size: int) -> Path:
             draw_photo(item, variant).save(gallery / name)
             rows.append(f"{name},item{item:03d},shop,test")
     (gallery / "dataset.csv").write_text("\n".join(rows) + "\n")
-    cfg = load_config("global", ["model.backbone=resnet18", f"input.size={size}", "data.format=csv"])
+    cfg = load_config("global", ["model.backbone=resnet18", "model.pretrained=none", f"input.size={size}", "data.format=csv"])
     model = build_model(cfg, items, 0, 0)
     checkpoint = work / "model.pt"
     atomic_save(model_payload(model, {"config": config_to_dict(cfg), "num_items": items, "num_attributes": 0,
                                       "num_categories": 0, "attribute_names": [], "category_names": []}), checkpoint)
     index = work / "index"
     subprocess.run([sys.executable, "-m", "mmfl.cli", "index", str(checkpoint), "--data", str(gallery), "--format",
-                    "csv", "--out", str(index), "--quiet", "--workers", "0", "--device", "cpu"],
+                    "csv", "--out", str(index), "--no-progress", "--workers", "0", "--device", "cpu"],
                    check=True, capture_output=True, text=True)
     return index
 

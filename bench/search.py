@@ -374,7 +374,7 @@ def default_dim() -> int:
     from mmfl.config import load_config
     from mmfl.models import build_model
 
-    cfg = load_config("mmfl")
+    cfg = load_config("mmfl", ["model.pretrained=none"])
     cfg.model.backbone = "resnet18"  # the width depends on the branches and neck, not the backbone
     return build_model(cfg, num_items=2, num_attributes=0).embed_dim
 

@@ -76,7 +76,7 @@ def untrained_checkpoint(path: Path, preset: str, backbone: str) -> Path:
     from mmfl.config import config_to_dict, load_config
     from mmfl.models import build_model
 
-    cfg = load_config(preset, [f"model.backbone={backbone}"])
+    cfg = load_config(preset, [f"model.backbone={backbone}", "model.pretrained=none"])
     items, attrs = 1000, 303
     model = build_model(cfg, items, attrs, 0)
     atomic_save(model_payload(model, {
@@ -142,7 +142,7 @@ def build_served_index(workdir: Path, checkpoint: Path, items: int) -> Path:
     generate(data, items, seed=0, size=256)
     index = workdir / "index"
     subprocess.run([sys.executable, "-m", "mmfl.cli", "index", str(checkpoint), "--data", str(data),
-                    "--format", "deepfashion-c2s", "--out", str(index), "--device", "cpu", "--quiet"],
+                    "--format", "deepfashion-c2s", "--out", str(index), "--device", "cpu", "--no-progress"],
                    check=True, capture_output=True, text=True)
     return index
 

@@ -100,7 +100,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    cfg = load_config("mmfl", [f"model.backbone={args.backbone}", f"input.size={args.size}"])
+    cfg = load_config("mmfl", [f"model.backbone={args.backbone}", "model.pretrained=none", f"input.size={args.size}"])
     p, k = cfg.train.batch_items, cfg.train.images_per_item
     batch = {"images": torch.rand(p * k, 3, args.size, args.size), "labels": torch.arange(p).repeat_interleave(k),
              "domains": torch.tensor(([0] * (k - 1) + [1]) * p),

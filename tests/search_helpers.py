@@ -57,7 +57,7 @@ def make_checkpoint(path: Path, seed: int = 0) -> Path:
     from mmfl.models import build_model
 
     torch.manual_seed(seed)
-    cfg = load_config("global", ["model.backbone=resnet18", "input.size=64"])
+    cfg = load_config("global", ["model.backbone=resnet18", "model.pretrained=none", "input.size=64"])
     model = build_model(cfg, len(ITEMS), len(ATTRIBUTES), 0)
     atomic_save(model_payload(model, {
         "config": config_to_dict(cfg), "num_items": len(ITEMS), "num_attributes": len(ATTRIBUTES),

@@ -119,7 +119,8 @@ def test_gpu_bench_smoke_writes_json_and_table(gpu_bench: ModuleType, tmp_path: 
     assert report["smoke"] is True and report["settings"]["backbone"] == "resnet18"
     assert report["settings"]["size"] == 64 and report["settings"]["steps"] == 2
     expected = {"train/mmfl/eager", "train/mmfl-frozen-bn/eager", "train/bare/eager", "extract/mmfl", "extract/bare",
-                "loader/jpeg", "e2e/mmfl/resident", "e2e/mmfl/jpeg"}
+                "loader/jpeg", "e2e/mmfl/resident", "e2e/mmfl/jpeg", "loader/jpeg-gpu-decode",
+                "e2e/mmfl/jpeg-gpu-decode"}
     results = report["results"]
     assert set(results) == expected | {"profile/mmfl/eager", "profile/mmfl-frozen-bn/eager"}
     profile = (tmp_path / results["profile/mmfl/eager"]["file"]).read_text()
@@ -139,9 +140,14 @@ def test_gpu_bench_smoke_writes_json_and_table(gpu_bench: ModuleType, tmp_path: 
     ratio = results["train/bare/eager"]["gflops_per_image"] / results["extract/bare"]["gflops_per_image"]
     assert 2.5 < ratio < 3.5
     assert results["e2e/mmfl/jpeg"]["ratio_vs_resident"] > 0
+    # data.decode=gpu's pipeline runs on the smoke run's CPU device: the code path, not a GPU number
+    assert results["e2e/mmfl/jpeg-gpu-decode"]["ratio_vs_resident"] > 0
+    assert results["loader/jpeg-gpu-decode"]["decode_device"] == "cpu" and "decode_device" not in results["loader/jpeg"]
     summary = report["summary"]
     assert set(summary) >= {"gemm_tflops", "mmfl_train_best", "e2e_over_resident",
-                            "extract_images_per_s_mmfl_over_bare"}
+                            "extract_images_per_s_mmfl_over_bare", "e2e_gpu_decode_over_resident",
+                            "loader_gpu_decode_over_cpu_workers"}
+    assert summary["e2e_gpu_decode_over_resident"] > 0 and summary["loader_gpu_decode_over_cpu_workers"] > 0
     table = (tmp_path / "gpu_bench.md").read_text()
     assert "| train/mmfl/eager |" in table and "MFU" in table and "**Smoke run**" in table
     assert results["train/mmfl/eager"]["cuda_graph"] is False  # graphed rows and the parity check need CUDA

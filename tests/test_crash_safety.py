@@ -33,7 +33,7 @@ EPOCHS = 6
 VARIANTS = 8  # shop photos per item in the index tests
 SEED = 20261127
 TRAIN = [
-    "--config", "global", "--no-progress", "model.backbone=resnet18", "input.size=64", "train.batch_items=4",
+    "--config", "global", "--no-progress", "model.backbone=resnet18", "model.pretrained=none", "input.size=64", "train.batch_items=4",
     "train.images_per_item=4", "data.num_workers=0", "train.tensorboard=false", "train.warmup_epochs=0",
     "model.neck_width=64", "train.deterministic=true", "train.eval_every=0", f"train.epochs={EPOCHS}",
     "train.max_steps_per_epoch=2",
@@ -170,7 +170,7 @@ def test_index_rebuild_killed_at_random_moments_leaves_the_previous_index_answer
 
     def argv(out: Path) -> list[str]:
         return [sys.executable, "-m", "mmfl.cli", "index", str(checkpoint), "--data", str(gallery / "dataset.csv"),
-                "--format", "csv", "--out", str(out), "--quiet", "--workers", "0", "--batch-size", "2"]
+                "--format", "csv", "--out", str(out), "--no-progress", "--workers", "0", "--batch-size", "2"]
 
     # One uninterrupted build first: its duration places the kills, its files are the expected end state.
     started = time.monotonic()

@@ -19,7 +19,7 @@ from mmfl.train.distributed import DistInfo
 from mmfl.train.step import Batch, TrainStep
 from mmfl.train.trainer import build_optimizer
 
-TINY = ["model.backbone=resnet18", "input.size=64", "model.neck_width=32", "train.batch_items=4",
+TINY = ["model.backbone=resnet18", "model.pretrained=none", "input.size=64", "model.neck_width=32", "train.batch_items=4",
         "train.images_per_item=2"]
 
 
@@ -71,8 +71,9 @@ def test_checkpoint_of_a_graphed_gpu_run_resumes_on_cpu(tmp_path: Path) -> None:
     (capturable AdamW refuses CPU tensors) and still train on: the loss stays finite."""
     root = tmp_path / "data"
     generate(root, items=16, seed=5, size=64)
-    common = [f"data.root={root}", f"output_dir={tmp_path / 'run'}", "model.backbone=resnet18", "input.size=64",
-              "train.batch_items=4", "train.images_per_item=2", "data.num_workers=0", "train.tensorboard=false",
+    common = [f"data.root={root}", f"output_dir={tmp_path / 'run'}", "model.backbone=resnet18",
+              "model.pretrained=none", "input.size=64", "train.batch_items=4", "train.images_per_item=2",
+              "data.num_workers=0", "train.tensorboard=false",
               "train.eval_every=0", "train.max_steps_per_epoch=2", "train.warmup_epochs=0", "train.cuda_graph=true",
               "train.device=cpu"]
     first = train(load_config("global", [*common, "train.epochs=1"]), progress=False)
@@ -120,7 +121,7 @@ def test_capture_hazard_passes_device_only_code() -> None:
 
 def _meta_step(preset: str, overrides: list[str]) -> tuple[TrainStep, tuple[torch.Tensor, ...]]:
     """The preset's real step at the GPU benchmark's size (ResNet-50, 320 px, 16 x 4, 5,000 items), on meta."""
-    cfg = load_config(preset, ["input.size=320", "train.batch_items=16", "train.images_per_item=4", *overrides])
+    cfg = load_config(preset, ["model.pretrained=none", "input.size=320", "train.batch_items=16", "train.images_per_item=4", *overrides])
     with META:
         model = build_model(cfg, 5000, 303, 50).train()
         criterion = build_criterion(cfg, 5000, model.global_dim)
@@ -182,8 +183,9 @@ def test_trainer_runs_graphed_on_gpu(tmp_path: Path, capsys: pytest.CaptureFixtu
     """``mmfl train`` with ``train.cuda_graph=true`` on a GPU: captured, finite losses, resumable."""
     root = tmp_path / "data"
     generate(root, items=60, seed=5, size=64)  # 42 training items: 10 steps of 4 items, 3 of them warm-up
-    common = [f"data.root={root}", f"output_dir={tmp_path / 'run'}", "model.backbone=resnet18", "input.size=64",
-              "train.batch_items=4", "train.images_per_item=2", "data.num_workers=0", "train.tensorboard=false",
+    common = [f"data.root={root}", f"output_dir={tmp_path / 'run'}", "model.backbone=resnet18",
+              "model.pretrained=none", "input.size=64", "train.batch_items=4", "train.images_per_item=2",
+              "data.num_workers=0", "train.tensorboard=false",
               "train.eval_every=0", "train.warmup_epochs=0", "train.cuda_graph=true", "train.device=cuda"]
     result = train(load_config("mmfl", [*common, "train.epochs=1"]), progress=False)
     assert "captured and replayed as one CUDA graph" in capsys.readouterr().err

@@ -25,7 +25,7 @@ ITEMS, ATTRS, CATS = 6, 4, 3
 
 def _model(preset: str, size: int, categories: bool = True) -> torch.nn.Module:
     head = f"model.category_head={str(categories).lower()}"
-    cfg = load_config(preset, ["model.backbone=resnet18", f"input.size={size}", head])
+    cfg = load_config(preset, ["model.backbone=resnet18", "model.pretrained=none", f"input.size={size}", head])
     model = build_model(cfg, ITEMS, ATTRS, CATS).eval()
     # non-trivial BatchNorm statistics, so the graph's folded BN is really checked
     gen = torch.Generator().manual_seed(3)

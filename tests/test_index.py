@@ -52,7 +52,7 @@ def flat_index(work: Path, gallery: Path, checkpoint: Path) -> Path:
     """Built through the CLI, as a user would."""
     out = work / "flat"
     assert main(["index", str(checkpoint), "--data", str(gallery), "--format", "csv", "--out", str(out),
-                 "--quiet", "--workers", "0"]) == 0
+                 "--no-progress", "--workers", "0"]) == 0
     return out
 
 
@@ -79,6 +79,10 @@ def test_manifest_records_checkpoint_and_files(flat_index: Path, checkpoint: Pat
     assert m["checkpoint_sha256"] == model.meta["checkpoint_sha256"]
     assert (m["backend"], m["kind"], m["embed_dim"], m["count"]) == ("faiss", "flat", model.embed_dim, 2 * len(ITEMS))
     assert m["facets"]["categories"] == {"dress": len(ITEMS), "top": len(ITEMS)}
+    # a CSV gallery has no attribute labels: every row is predicted, and this checkpoint stores no
+    # thresholds, which the manifest says rather than passing 0.5 off as calibrated
+    assert m["facets"]["attribute_sources"] == {"predicted": 2 * len(ITEMS)}
+    assert m["attribute_predictions"]["thresholds"]["source"] == "default"
     assert set(m["files"]) == set(m["faiss"].values()) == {p.name for p in flat_index.iterdir()} - {"manifest.json"}
     rows = [json.loads(line) for line in (flat_index / m["faiss"]["metadata"]).read_text().splitlines()]
     assert all(Path(r["image"]).is_absolute() and Path(r["image"]).is_file() for r in rows)
@@ -176,7 +180,7 @@ def test_add_keeps_old_items_and_skips_known_images(work: Path, model, shop, gal
     old_rows = list(open_store(out).entries)
     created = read_manifest(out)["created"]
     assert main(["index", str(checkpoint), "--data", str(gallery), "--format", "csv", "--out", str(out),
-                 "--add", "--quiet", "--workers", "0"]) == 0
+                 "--add", "--no-progress", "--workers", "0"]) == 0
     after = open_store(out)
     assert len(after) == len(shop)
     assert after.entries[:len(old_rows)] == old_rows
@@ -193,7 +197,7 @@ def test_killed_build_leaves_the_previous_index_usable(work: Path, model, shop, 
     build_index(model, [r for r in shop if r.item_id in ITEMS[:2]], out, progress=False)
     before = read_manifest(out)
     argv = ["index", str(checkpoint), "--data", str(gallery), "--format", "csv", "--out", str(out),
-            "--add", "--quiet", "--workers", "0"]
+            "--add", "--no-progress", "--workers", "0"]
     # SIGKILL the build at the worst moment: new data fully written, manifest about to be switched.
     code = textwrap.dedent(f"""
         import os, signal, sys
@@ -223,7 +227,7 @@ def test_index_from_another_checkpoint_is_refused(work: Path, flat_index: Path, 
                                                   capsys) -> None:
     other = make_checkpoint(work / "other.pt", seed=1)
     capsys.readouterr()
-    rc = main(["index", str(other), "--data", str(gallery), "--format", "csv", "--out", str(flat_index), "--add", "--quiet"])
+    rc = main(["index", str(other), "--data", str(gallery), "--format", "csv", "--out", str(flat_index), "--add", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and "rebuild the index" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(GalleryIndexError, match="sha256"):

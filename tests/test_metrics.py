@@ -173,3 +173,41 @@ def test_rerank_set_algebra_matches_dense_definitions() -> None:
     union = torch.maximum(q[:, None, :], g[None, :, :]).sum(2)
     assert torch.allclose(_jaccard(q, g, max_elements=1), 1 - shared / union, atol=1e-6)
     assert torch.allclose(_jaccard(q, g), 1 - shared / union, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- attribute metrics
+# One attribute over six images: image 3's label is unknown (0) and must count for nothing.
+ATTR_SCORES = np.array([0.9, 0.8, 0.8, 0.4, 0.3, 0.2], np.float32)
+ATTR_LABELS = np.array([1, -1, 1, 0, 1, -1], np.int8)
+
+
+def test_attribute_ap_f1_and_threshold_by_hand() -> None:
+    """Known labels ranked: 0.9+, (0.8-, 0.8+ tied), 0.3+, 0.2- (three positives).
+
+    Cuts: 0.9 -> P 1, R 1/3; 0.8 -> P 2/3, R 2/3; 0.3 -> P 3/4, R 1; so AP = 1/3 + 2/9 + 1/4 = 29/36.
+    F1 at the cuts: 1/2, 2/3, 6/7, 3/4: the best keeps 0.3, the threshold sits half-way to 0.2.
+    """
+    from mmfl.attribute_metrics import average_precision, choose_thresholds, f1_score, positive_rates
+
+    assert average_precision(ATTR_SCORES, ATTR_LABELS) == pytest.approx(29 / 36)
+    # a constant score (the prior) ranks everything as one tie: AP = share of positives, 3 of 5 known
+    assert average_precision(np.full(6, 0.1), ATTR_LABELS) == pytest.approx(3 / 5)
+    assert average_precision(ATTR_SCORES, np.array([1, 1, 0, 0, 1, 1])) is None  # no known negative
+    assert f1_score(np.array([1, 0, 1, 1, 0, 0], bool), ATTR_LABELS) == pytest.approx(4 / 5)
+    labels = np.stack([ATTR_LABELS, np.array([0, -1, 0, -1, 0, 0])], axis=1)  # 2nd: no known positive
+    thresholds = choose_thresholds(np.stack([ATTR_SCORES, ATTR_SCORES], axis=1), labels)
+    assert thresholds.tolist() == pytest.approx([0.25, 0.5])
+    assert positive_rates(labels).tolist() == pytest.approx([3 / 5, 0.0])
+
+
+def test_attribute_quality_scores_only_attributes_with_both_labels() -> None:
+    from mmfl.attribute_metrics import attribute_quality
+
+    labels = np.stack([ATTR_LABELS, np.array([1, 1, 1, 0, 1, 1])], axis=1)
+    scores = np.stack([ATTR_SCORES, ATTR_SCORES], axis=1)
+    result = attribute_quality(["a", "b"], labels, {"model": scores, "prior": np.full((6, 2), 0.5)},
+                               {"model": scores >= 0.25})
+    assert (result["num_images"], result["num_attributes"], result["num_scored"]) == (6, 2, 1)
+    assert result["mAP"] == pytest.approx({"model": 29 / 36, "prior": 3 / 5})
+    assert result["mean_f1"] == pytest.approx({"model": 6 / 7})
+    assert result["per_attribute"]["a"]["positives"] == 3 and result["per_attribute"]["a"]["negatives"] == 2

@@ -25,7 +25,7 @@ ITEMS, ATTRS, CATS = 7, 5, 3
 
 def make(preset: str = "mmfl", backbone: str = "resnet18", *overrides: str, attrs: int = ATTRS, cats: int = 0) -> MMFLNet:
     torch.manual_seed(0)
-    cfg = load_config(preset, [f"model.backbone={backbone}", *overrides])
+    cfg = load_config(preset, [f"model.backbone={backbone}", "model.pretrained=none", *overrides])
     return build_model(cfg, ITEMS, attrs, cats)
 
 
@@ -335,7 +335,7 @@ def test_model_info_json_matches_the_model(capsys) -> None:
 
 
 def test_checkpoint_round_trip_gives_the_same_embeddings(tmp_path) -> None:
-    cfg = load_config("mmfl", ["model.backbone=resnet18"])
+    cfg = load_config("mmfl", ["model.backbone=resnet18", "model.pretrained=none"])
     model = build_model(cfg, ITEMS, ATTRS).eval()
     path = tmp_path / "model.pt"
     atomic_save(model_payload(model, {"config": config_to_dict(cfg), "num_items": ITEMS, "num_attributes": ATTRS,
@@ -349,7 +349,7 @@ def test_checkpoint_round_trip_gives_the_same_embeddings(tmp_path) -> None:
 def test_branch_source_backbone_bypasses_the_neck() -> None:
     """A ``source: backbone`` branch reads the backbone stage: changing the neck leaves its
     embedding untouched, while the ``source: fused`` branch's embedding moves."""
-    cfg = load_config("mmfl", ["model.backbone=resnet18", "model.neck_width=32",
+    cfg = load_config("mmfl", ["model.backbone=resnet18", "model.pretrained=none", "model.neck_width=32",
                                "model.branches=[{name: g, level: 5, source: backbone, dim: 16},"
                                " {name: l, level: 4, source: fused, partition: 'grid:2x2', dim: 8}]"])
     model = build_model(cfg, num_items=5, num_attributes=0).eval()

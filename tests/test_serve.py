@@ -2,30 +2,49 @@
 from __future__ import annotations
 
 import io
+import re
+import subprocess
+import sys
+import time
+from html.parser import HTMLParser
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import httpx
 import pytest
 from PIL import Image
 
+from mmfl.serve.process import free_port
 from search_helpers import ITEMS, make_served_index, start_server, stop_server
+
+#: What the service logs per request (after uvicorn's level prefix): method, path, status, duration.
+REQUEST_LINE = re.compile(r"^INFO:\s+(GET|POST) (\S+) (\d{3}) (\d+\.\d) ms$")
+
+
+class Served(NamedTuple):
+    base: str
+    root: Path  # holds the gallery, the checkpoint and the index: no response may name anything under it
+    log: Path  # the server's stdout and stderr
+
+    @property
+    def gallery(self) -> Path:
+        return self.root / "gallery"
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("serve")
     index = make_served_index(root)
     proc, base = start_server(index, root / "server.log", "--max-upload-mb", "1")
     try:
-        yield base, root / "gallery"
+        yield Served(base, root, root / "server.log")
     finally:
         stop_server(proc)
 
 
 @pytest.fixture(scope="module")
 def client(served: tuple[str, Path]) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=served[0], timeout=60) as c:
+    with httpx.Client(base_url=served.base, timeout=60) as c:
         yield c
 
 
@@ -44,15 +63,14 @@ def test_health_and_docs(client: httpx.Client) -> None:
 
 
 def test_search_returns_the_photographed_item_and_serves_its_image(client: httpx.Client, served) -> None:
-    gallery = served[1]
-    photo = gallery / "id_04_shop_1.png"
+    photo = served.gallery / "id_04_shop_1.png"
     response = post_image(client, photo.read_bytes(), k=4)
     assert response.status_code == 200, response.text
     answer = response.json()
     first = answer["results"][0]
-    assert first["item_id"] == "id_04" and first["image"] == str(photo.resolve())
+    assert first["item_id"] == "id_04" and first["image_url"] == "/items/id_04/image?n=1"
     assert first["score"] == pytest.approx(1.0, abs=1e-4)
-    assert set(first) == {"item_id", "image", "score", "category", "attributes", "image_url"}
+    assert {"item_id", "score", "category", "attributes", "image_url"} <= set(first)
     assert len(answer["results"]) == 4 and answer["query"]["k"] == 4
     image = client.get(first["image_url"])
     assert image.status_code == 200 and image.content == photo.read_bytes()
@@ -60,7 +78,7 @@ def test_search_returns_the_photographed_item_and_serves_its_image(client: httpx
 
 
 def test_box_and_filters_are_applied(client: httpx.Client, served) -> None:
-    data = (served[1] / "id_03_shop_0.png").read_bytes()
+    data = (served.gallery / "id_03_shop_0.png").read_bytes()
     response = client.post("/search", files={"image": ("p.png", data, "image/png")},
                            data={"bbox": "2,2,40,40", "k": "10", "filter": ["category=dress"]})
     answer = response.json()
@@ -76,13 +94,11 @@ def test_box_and_filters_are_applied(client: httpx.Client, served) -> None:
     ({"k": "0"}, 422, "k"),
 ])
 def test_bad_parameters_are_json_errors(client: httpx.Client, served, form: dict, status: int, words: str) -> None:
-    response = post_image(client, (served[1] / "id_00_shop_0.png").read_bytes(), **form)
+    response = post_image(client, (served.gallery / "id_00_shop_0.png").read_bytes(), **form)
     assert response.status_code == status and words in response.json()["error"]
 
 
 def test_junk_and_bombs_are_refused_with_json(client: httpx.Client) -> None:
-    junk = post_image(client, b"this is not an image at all" * 10, name="junk.jpg")
-    assert junk.status_code == 400 and "cannot decode" in junk.json()["error"]
     bomb = io.BytesIO()
     Image.new("1", (9000, 8000)).save(bomb, format="PNG")  # 72 Mpx in a few KB
     assert len(bomb.getvalue()) < 100_000
@@ -102,7 +118,7 @@ def test_oversized_uploads_get_413(client: httpx.Client, served) -> None:
         for _ in range(20):
             yield b"\0" * (128 * 1024)
 
-    with httpx.Client(base_url=served[0], timeout=60) as fresh:
+    with httpx.Client(base_url=served.base, timeout=60) as fresh:
         streamed = fresh.post("/search", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
     assert streamed.status_code == 413 and "error" in streamed.json()
 
@@ -118,3 +134,101 @@ def test_item_images_cannot_escape_the_gallery(client: httpx.Client, path: str) 
     response = client.get(path)
     assert response.status_code == 404
     assert "root:" not in response.text and "error" in response.json()
+
+
+def test_undecodable_upload_names_the_upload_in_plain_words(client: httpx.Client) -> None:
+    junk = post_image(client, b"this is not an image at all" * 10, name="junk.jpg")
+    assert junk.status_code == 400
+    assert junk.json()["error"] == ("uploaded image 'junk.jpg': cannot decode image "
+                                    "(not a JPEG, PNG, WebP or other supported image format)")
+
+
+class _Assets(HTMLParser):
+    """Every URL an HTML page makes the browser load by itself (scripts, styles, images, icons)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        wanted = {"script": "src", "img": "src", "link": "href"}.get(tag)
+        self.urls += [value for name, value in attrs if name == wanted and value]
+
+
+def test_api_docs_load_nothing_from_outside_the_machine(client: httpx.Client) -> None:
+    html = client.get("/docs")
+    assert html.status_code == 200
+    assets = _Assets()
+    assets.feed(html.text)
+    assert assets.urls and all(url.startswith("/") and not url.startswith("//") for url in assets.urls), assets.urls
+    assert "fonts.googleapis" not in html.text and "cdn." not in html.text
+    for url in assets.urls:
+        assert client.get(url).status_code == 200, url
+    assert "/openapi.json" in html.text
+    assert client.get("/redoc").status_code == 404  # ReDoc fetches its logo from outside: not served
+
+
+def test_responses_carry_image_urls_never_server_paths(client: httpx.Client, served: Served) -> None:
+    photo = (served.gallery / "id_06_shop_0.png").read_bytes()
+    search = post_image(client, photo, k=8)
+    assert search.status_code == 200
+    for result in search.json()["results"]:
+        assert "image" not in result and result["image_url"].startswith(f"/items/{result['item_id']}/image?n=")
+    responses = [search, client.get("/healthz"), client.get("/facets"), client.get("/openapi.json"),
+                 post_image(client, photo, bbox="90,90,99,99"), post_image(client, b"junk" * 40, name="x.png"),
+                 client.get("/items/id_01/image?n=9"), client.get("/items/nope/image"), client.get("/nowhere")]
+    roots = {str(served.root), str(served.root.resolve())}
+    for response in responses:
+        assert not any(root in response.text for root in roots), (response.request.url, response.text)
+
+
+def test_each_request_is_logged_once_with_method_path_status_and_ms(client: httpx.Client, served: Served) -> None:
+    photo = (served.gallery / "id_01_shop_0.png").read_bytes()
+    done = len(served.log.read_text().splitlines())
+    requests = [("GET", "/facets", 200, lambda: client.get("/facets")),
+                ("POST", "/search", 200, lambda: post_image(client, photo, k=2)),
+                ("POST", "/search", 400, lambda: post_image(client, b"junk" * 40, name="junk.png")),
+                ("POST", "/search", 413, lambda: post_image(client, b"\0" * (1200 * 1024), name="big.png")),
+                ("GET", "/items/log%20probe/image", 404, lambda: client.get("/items/log probe/image?n=0"))]
+    for method, path, status, send in requests:
+        assert send().status_code == status
+    deadline = time.monotonic() + 30  # the line is written as the response ends; give the server a moment
+    while True:
+        lines = served.log.read_text().splitlines()[done:]
+        if len(lines) >= len(requests) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    parsed = [REQUEST_LINE.match(line) for line in lines]
+    assert all(parsed) and len(lines) == len(requests), lines  # one line each: uvicorn's access log is off
+    assert [(m[1], m[2], int(m[3])) for m in parsed] == [(m, p, s) for m, p, s, _ in requests]
+
+
+def test_server_is_warmed_up_before_it_answers(client: httpx.Client, served: Served) -> None:
+    health = client.get("/healthz").json()
+    assert health["warmup_ms"] > 0
+    assert re.search(r"warmed up with one search in \d+ ms", served.log.read_text())
+
+
+def test_onnx_session_is_warmed_up_before_the_first_request(tmp_path: Path) -> None:
+    from mmfl.checkpoint import load_model
+    from mmfl.export import export_onnx
+
+    index = make_served_index(tmp_path)
+    graph = tmp_path / "model.onnx"
+    export_onnx(load_model(tmp_path / "model.pt"), graph, 64)
+    proc, base = start_server(index, tmp_path / "server.log", "--onnx", str(graph))
+    try:
+        health = httpx.get(f"{base}/healthz", timeout=30).json()
+    finally:
+        stop_server(proc)
+    assert health["runtime"] == "onnxruntime" and health["warmup_ms"] > 0
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_max_upload_mb_below_one_is_refused_before_anything_starts(tmp_path: Path, value: str) -> None:
+    port = free_port()
+    # A missing index: had the flag been checked after loading, the error would be about the index.
+    done = subprocess.run([sys.executable, "-m", "mmfl.cli", "serve", str(tmp_path / "no-index"), "--port", str(port),
+                           "--max-upload-mb", value], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == f"error: --max-upload-mb {value}: must be at least 1\n"

@@ -21,8 +21,9 @@ from mmfl.synth import generate
 from mmfl.train import train
 
 SMALL = [
-    "model.backbone=resnet18", "input.size=64", "train.batch_items=4", "train.images_per_item=4",
-    "data.num_workers=0", "train.tensorboard=false", "train.warmup_epochs=0", "model.neck_width=64",
+    "model.backbone=resnet18", "model.pretrained=none", "input.size=64", "train.batch_items=4",
+    "train.images_per_item=4", "data.num_workers=0", "train.tensorboard=false", "train.warmup_epochs=0",
+    "model.neck_width=64",
 ]
 
 

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         return int(args.func(args) or 0)
     except MMFLError as exc:
@@ -53,6 +53,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``, letting flags stand among a subcommand's ``key=value`` overrides.
+
+    argparse gives a ``nargs="*"`` positional only its first unbroken run of words, so in
+    ``train data.root=x --no-progress train.epochs=1`` the last override would be refused as
+    unrecognised. The words it leaves over are appended to the overrides in order (they all come
+    after the run it took); anything else left over is still refused.
+    """
+    args, extra = parser.parse_known_args(argv)
+    overrides = [word for word in extra if "=" in word and not word.startswith("-")]
+    if extra and (len(overrides) != len(extra) or not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
 
 
 def one_line(exc: MMFLError) -> str:

@@ -10,6 +10,10 @@ similarity matrix in memory.
 ``within_category`` ranks each query against the gallery images of its own category only: the
 Street2Shop protocol, where every category has its own retrieval set. Off, every query searches
 the whole gallery (DeepFashion's protocol) and per-category rows only group the queries.
+
+When the model has an attribute head and the dataset labels the same attributes, the images of
+``split`` (queries and that split's gallery images) also score attribute quality:
+``metrics["attributes"]`` (:func:`mmfl.attribute_metrics.evaluate_attributes`).
 """
 from __future__ import annotations
 
@@ -19,9 +23,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from mmfl.attribute_metrics import evaluate_attributes
 from mmfl.data.records import Catalog, Record
 from mmfl.errors import DataError
 from mmfl.extract import Features, extract_features
+from mmfl.index.labels import AttributeDecoder
 from mmfl.metrics import KS, RankResult, cmc, rank_queries, summarize
 
 UNKNOWN_CATEGORY = "unknown"
@@ -85,12 +91,14 @@ def run_evaluation(
     num_workers: int = 0,
     progress: bool = True,
     within_category: bool = False,
+    decode_device: torch.device | None = None,
 ) -> Evaluation:
     """Evaluate ``model`` (already on ``device``) on ``catalog`` and keep the ranked lists.
 
     ``size`` is the square input size; None takes ``model.meta["config"]["input"]["size"]``
     (set by :func:`mmfl.checkpoint.load_model`). ``flip`` turns on flip test-time augmentation,
     ``rerank`` k-reciprocal re-ranking (memory grows with (queries + gallery) squared).
+    ``decode_device`` decodes the JPEGs there (:func:`mmfl.extract.extract_features`).
     """
     gallery_splits = list(gallery_splits) if gallery_splits else [split]
     size = size or _model_input_size(model)
@@ -98,8 +106,11 @@ def run_evaluation(
     gallery = catalog.split(gallery_splits, domain="shop")
     _check_sides(catalog, split, gallery_splits, queries, gallery)
 
+    decoder = _attribute_decoder(model, catalog)
+
     def embed(records: list[Record], desc: str) -> Features:
-        return extract_features(model, records, size, batch_size, device, flip, num_workers, progress, desc=desc)
+        return extract_features(model, records, size, batch_size, device, flip, num_workers, progress,
+                                predictions=decoder is not None, desc=desc, decode_device=decode_device)
 
     q_feat, g_feat = embed(queries, "queries"), embed(gallery, "gallery")
     similarity = _similarity(q_feat.embeddings, g_feat.embeddings, torch.device(device), rerank)
@@ -125,7 +136,32 @@ def run_evaluation(
                 row["num_gallery"] = gallery_cats.count(name)
     metrics.update(split=split, gallery_splits=gallery_splits, flip=flip, rerank=rerank,
                    within_category=within_category, size=size)
+    if decoder is not None and q_feat.attribute_probs is not None and g_feat.attribute_probs is not None:
+        metrics["attributes"] = _attribute_quality(model, catalog, decoder, split, queries, gallery, q_feat, g_feat)
     return Evaluation(metrics, queries, gallery, q_feat, g_feat, ranks, similarity)
+
+
+def _attribute_decoder(model: torch.nn.Module, catalog: Catalog) -> AttributeDecoder | None:
+    """The checkpoint's attribute decoder when its attributes are the dataset's, else None (no scoring).
+
+    A model trained on another vocabulary, or one without checkpoint meta (mid-training
+    validation), has no attribute labels here to be measured against.
+    """
+    names = list((getattr(model, "meta", None) or {}).get("attribute_names") or [])
+    if not names or names != catalog.attribute_names:
+        return None
+    return AttributeDecoder.from_meta(model.meta)
+
+
+def _attribute_quality(model: torch.nn.Module, catalog: Catalog, decoder: AttributeDecoder, split: str,
+                       queries: list[Record], gallery: list[Record], q_feat: Features, g_feat: Features) -> dict:
+    """Attribute metrics over the query images and the gallery images of ``split`` itself."""
+    in_split = [i for i, r in enumerate(gallery) if r.split == split]
+    records = queries + [gallery[i] for i in in_split]
+    probs = torch.cat([q_feat.attribute_probs, g_feat.attribute_probs[in_split]]).numpy()
+    data = model.meta["config"]["data"]
+    result = evaluate_attributes(catalog, records, probs, decoder, data["train_split"], data["val_split"])
+    return {"split": split, **result}
 
 
 def _model_input_size(model: torch.nn.Module) -> int:

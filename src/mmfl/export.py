@@ -41,6 +41,8 @@ PARITY_TOLERANCE = 1e-3
 PARITY_BATCHES = (1, 3)
 META_KEY = "mmfl"
 META_FORMAT = "mmfl-onnx"
+#: Smallest input side the backbones accept (as ``input.size`` requires in training).
+MIN_SIZE = 32
 
 
 class _PredictGraph(nn.Module):
@@ -115,6 +117,9 @@ def _export_meta(model: nn.Module, size: int, output_names: list[str]) -> dict[s
         "num_items": meta.get("num_items", getattr(model, "num_items", 0)),
         "attribute_names": list(meta.get("attribute_names", [])),
         "category_names": list(meta.get("category_names", [])),
+        "attribute_thresholds": meta.get("attribute_thresholds"),
+        "attribute_calibration": meta.get("attribute_calibration"),
+        "attribute_groups": dict(meta.get("attribute_groups") or {}),
         "checkpoint_sha256": meta.get("checkpoint_sha256", ""),
         "checkpoint": meta.get("checkpoint", ""),
     }
@@ -132,8 +137,8 @@ def export_onnx(model: nn.Module, path: str | Path, size: int, opset: int = 17) 
     """
     import onnx
 
-    if size < 32:
-        raise MMFLError(f"--size: {size} is too small (use 32 or more)")
+    if size < MIN_SIZE:
+        raise MMFLError(f"--size: {size} is too small (use {MIN_SIZE} or more)")
     if not hasattr(model, "predict") or not hasattr(model, "embed_dim"):
         raise MMFLError("export: the model has no predict()/embed_dim (is it an MMFL-Net?)")
     path = Path(path)
@@ -238,6 +243,9 @@ class OnnxEmbedder:
         self.outputs = list(info["outputs"])
         self.meta = {key: info[key] for key in
                      ("config", "num_items", "attribute_names", "category_names", "checkpoint_sha256", "checkpoint")}
+        # absent from graphs exported before attributes were calibrated: those decode at 0.5
+        self.meta.update({key: info.get(key) for key in ("attribute_thresholds", "attribute_calibration",
+                                                          "attribute_groups")})
         self.meta["onnx"] = str(self.path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads

@@ -5,17 +5,18 @@ Memory stays bounded by the batch: images are decoded by a DataLoader, embedded 
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from mmfl.data.dataset import RecordDataset
+from mmfl.data.dataset import EncodedRecordDataset, RecordDataset
+from mmfl.data.gpu_decode import collate_encoded, eval_images
 from mmfl.data.records import Record
 from mmfl.data.transforms import eval_transform
+from mmfl.progress import progress as make_progress
 
 
 @dataclass
@@ -43,6 +44,7 @@ def extract_features(
     progress: bool = True,
     predictions: bool = False,
     desc: str = "embedding",
+    decode_device: torch.device | None = None,
 ) -> Features:
     """Embed ``records`` (cropped to their boxes, resized to ``size``) with ``model`` on ``device``.
 
@@ -51,25 +53,32 @@ def extract_features(
     ``flip`` adds horizontal-flip test-time augmentation: the embeddings of the image and its
     mirror are summed and re-normalised (probabilities are averaged). The model is put in eval
     mode for the pass and returned to its previous mode afterwards, so training can call this.
-    ``desc`` labels the progress bar (written to stderr unless ``progress`` is False).
-    """
-    from tqdm import tqdm
+    ``desc`` labels the progress report on stderr (a bar on a terminal, plain lines in a log;
+    none when ``progress`` is False).
 
+    ``decode_device`` (from :func:`mmfl.data.gpu_decode.pick_decode_device`, ``data.decode=gpu``)
+    decodes the JPEGs there in one call per batch and resizes them there; the workers only read
+    the files. None decodes and resizes on the CPU workers.
+    """
     device = torch.device(device)
-    loader = DataLoader(
-        RecordDataset(records, eval_transform(size), min_size=size),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-    )
+    if decode_device is None:
+        dataset: Dataset = RecordDataset(records, eval_transform(size), min_size=size)
+    else:
+        dataset = EncodedRecordDataset(records, min_size=size)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda" and decode_device is None,
+                        collate_fn=None if decode_device is None else collate_encoded)
     was_training = model.training
     model.eval()
     embeddings, attributes, categories = [], [], []
+    bar = make_progress(len(loader), desc, progress, unit="batch")
     try:
         with torch.inference_mode():
-            for images, _, _ in tqdm(loader, desc=desc, unit="batch", file=sys.stderr, disable=not progress):
-                images = images.to(device, non_blocking=True)
+            for batch in loader:
+                if decode_device is None:
+                    images = batch[0].to(device, non_blocking=True)
+                else:
+                    images = eval_images(batch, size, decode_device).to(device)
                 emb, attr, cat = _forward(model, images, predictions)
                 if flip:
                     emb_f, attr_f, cat_f = _forward(model, images.flip(-1), predictions)
@@ -81,7 +90,11 @@ def extract_features(
                     attributes.append(attr.cpu())
                 if cat is not None:
                     categories.append(cat.cpu())
+                if bar is not None:
+                    bar.update()
     finally:
+        if bar is not None:
+            bar.close()
         model.train(was_training)
     dim = getattr(model, "embed_dim", 0)
     return Features(

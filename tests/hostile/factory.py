@@ -417,7 +417,7 @@ def tiny_checkpoint(path: Path, num_items: int = ITEMS, seed: int = 0) -> Path:
     from mmfl.models import build_model
 
     torch.manual_seed(seed)
-    cfg = load_config("global", ["model.backbone=resnet18", "input.size=32", "data.format=csv"])
+    cfg = load_config("global", ["model.backbone=resnet18", "model.pretrained=none", "input.size=32", "data.format=csv"])
     model = build_model(cfg, num_items, 0, 0)
     atomic_save(model_payload(model, {
         "config": config_to_dict(cfg), "num_items": num_items, "num_attributes": 0, "num_categories": 0,

@@ -51,7 +51,7 @@ def eval_args(checkpoint: Path, data: Path, fmt: str = "csv", *extra: str) -> li
 
 
 def index_args(checkpoint: Path, data: Path, out: Path, fmt: str = "csv", *extra: str) -> list[object]:
-    return ["index", checkpoint, "--data", data, "--format", fmt, "--out", out, "--quiet", "--workers", "0", *extra]
+    return ["index", checkpoint, "--data", data, "--format", fmt, "--out", out, "--no-progress", "--workers", "0", *extra]
 
 
 # ----------------------------------------------------------------------------- photos: eval and index

@@ -36,7 +36,7 @@ def test_hostile_upload(case: ImageCase, client: TestClient) -> None:
         return
     assert response.status_code == 400, body
     error = body["error"]
-    assert "\n" not in error and "Traceback" not in error
+    assert "\n" not in error and "Traceback" not in error and "<_io." not in error  # no Python object in the words
     if case.name == "zero-byte":
         assert error == "uploaded image is empty"
     else:

@@ -14,7 +14,14 @@ def add_config_args(parser: argparse.ArgumentParser, default: str = "mmfl") -> N
         "--config", default=default,
         help=f"preset name (global, mgn, mmfl) or a YAML file (default: {default})",
     )
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=3")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, e.g. train.epochs=3 (flags may stand among them)")
+
+
+def add_progress_arg(parser: argparse.ArgumentParser) -> None:
+    """``--no-progress``, the one name every subcommand with progress reports uses for silencing them."""
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress reports (bars on a terminal, periodic lines in a log)")
 
 
 def add_extraction_args(parser: argparse.ArgumentParser) -> None:

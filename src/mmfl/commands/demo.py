@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mmfl.commands.common import add_progress_arg
+
 
 def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
     p = subparsers.add_parser(name, help=help_text, description=__doc__.splitlines()[0])
@@ -24,6 +26,7 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     p.add_argument("--backbone", default="mobilenet_v2", help="backbone (default: mobilenet_v2)")
     p.add_argument("--pretrained", default="imagenet", help="imagenet | none | PATH (default: imagenet)")
     p.add_argument("--seed", type=int, default=0)
+    add_progress_arg(p)
     p.add_argument("--workers", type=int, default=2, help="worker processes for generation and data loading (default: 2; 0 = load in the main process)")
     p.set_defaults(func=run)
 
@@ -67,10 +70,7 @@ def run(args: argparse.Namespace) -> int:
     baseline_cfg = load_config(args.preset, [*common, f"output_dir={out / 'baseline'}", "train.epochs=0"])
     baseline = train(baseline_cfg, progress=False)
     cfg = load_config(args.preset, [*common, f"output_dir={out / 'run'}", f"train.epochs={args.epochs}"])
-    result = train(cfg)
-    for row in result.history:
-        if row["kind"] == "epoch":
-            print(f"epoch {row['epoch']}: loss {row['loss']:.3f} ({row['images_per_s']:.0f} img/s)")
+    result = train(cfg, progress=not args.no_progress)  # it logs each epoch's loss and speed itself
     done("train")
 
     stage("eval")
@@ -94,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     from mmfl.index.build import build_index
     from mmfl.index.search import Searcher
 
-    report = build_index(load_model(checkpoint), catalog.split("test", "shop"), out / "index", progress=False)
+    report = build_index(load_model(checkpoint), catalog.split("test", "shop"), out / "index", progress=False,
+                         catalog=catalog)
     print(f"indexed {report.manifest['count']} shop images -> {out / 'index'}")
     query = catalog.split("test", "consumer")[0]
     searcher = Searcher(out / "index")

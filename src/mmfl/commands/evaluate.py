@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import get_args, get_type_hints
 
-from mmfl.commands.common import add_extraction_args
+from mmfl.commands.common import add_extraction_args, add_progress_arg
 from mmfl.config import DataConfig
 
 FORMATS = list(get_args(get_type_hints(DataConfig)["format"]))
@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     p.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
     p.add_argument("--plots", metavar="DIR", help="write cmc.png and ranked.png to DIR")
     add_extraction_args(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_arg(p)
     p.set_defaults(func=run)
 
 
@@ -97,7 +97,34 @@ def format_report(result: dict) -> str:
     for name, cat in result.get("per_category", {}).items():
         lines.append(_row(name, cat))
     lines.append("(top-k = % of queries with an image of their item in the first k; mAP in %)")
+    if result.get("attributes"):
+        lines += ["", *format_attributes(result["attributes"])]
     return "\n".join(lines)
+
+
+def format_attributes(attrs: dict) -> list[str]:
+    """The attribute block: mAP and mean F1 of the model against the predict-the-prior baseline."""
+    def pct(value: float | None) -> str:
+        return f"{100 * value:9.2f}" if value is not None else f"{'-':>9}"
+
+    t = attrs["thresholds"]
+    source = (f"thresholds chosen on '{t['split']}'" if t["source"] == "calibrated"
+              else "no stored thresholds: 0.5 for every attribute")
+    groups = f"; one value per group of {', '.join(attrs['exclusive_groups'])}" if attrs["exclusive_groups"] else ""
+    # (row label, key in attrs["mAP"] or None when it equals the model's, key in attrs["mean_f1"])
+    rows = (("model", "model", "model"), ("model, 0.5 no groups", None, "model_at_0.5"),
+            ("prior (train rates)", "prior", "prior"))
+    return [
+        f"attributes: {attrs['num_images']} images of '{attrs['split']}', {attrs['num_scored']} of "
+        f"{attrs['num_attributes']} attributes with a known positive and negative",
+        f"({source}{groups})",
+        f"{'':<22}{'mAP':>9}{'mean F1':>9}",
+        *(f"{name:<22}" + (pct(attrs["mAP"][ap]) if ap else f"{'':>9}") + pct(attrs["mean_f1"][f1])
+          for name, ap, f1 in rows),
+        "(AP and F1 per attribute over its known labels, averaged over attributes; in %)",
+        f"images with two values of one group: {attrs['images_with_conflicting_values']['model']} "
+        f"(at 0.5 without groups: {attrs['images_with_conflicting_values']['model_at_0.5']})",
+    ]
 
 
 def _row(name: str, m: dict) -> str:

@@ -22,10 +22,14 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
 
 def run(args: argparse.Namespace) -> int:
     from mmfl.checkpoint import load_model
-    from mmfl.export import export_onnx
+    from mmfl.errors import MMFLError
+    from mmfl.export import MIN_SIZE, export_onnx
 
+    if args.size is not None and args.size < MIN_SIZE:  # 0 must not quietly mean "the checkpoint's size"
+        raise MMFLError(f"--size {args.size}: too small (use {MIN_SIZE} or more, or leave it out for the "
+                        "checkpoint's input.size)")
     model = load_model(args.checkpoint, "cpu")
-    size = args.size or int(model.meta["config"]["input"]["size"])
+    size = args.size if args.size is not None else int(model.meta["config"]["input"]["size"])
     report = export_onnx(model, args.onnx, size, opset=args.opset)
     if args.json:
         print(json.dumps(report, indent=2))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmfl.commands.common import add_extraction_args
+from mmfl.commands.common import add_extraction_args, add_progress_arg
 
 
 def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
                         help="append to the existing index (same checkpoint); images already indexed are skipped")
     parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images/annotations instead of failing")
     add_extraction_args(parser)
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_progress_arg(parser)
     parser.set_defaults(func=run)
 
 
@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.checkpoint, device)
     report = build_index(
         model, gallery, args.out, backend=backend, kind=kind, add=args.add, milvus_uri=args.milvus_uri,
-        batch_size=args.batch_size, device=str(device), num_workers=args.workers, progress=not args.quiet,
+        batch_size=args.batch_size, device=str(device), num_workers=args.workers, progress=not args.no_progress,
+        catalog=catalog,
     )
     m = report.manifest
     print(f"{report.index_dir}: {report.count} images ({report.added} added, {report.already_indexed} already indexed), "

@@ -41,17 +41,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_table(answer: dict[str, Any]) -> str:
-    """Rank, score, item, category, attributes and image, one line per item, under a query summary."""
+    """Rank, score, item, category, attributes (and whether the dataset's labels or the model's
+    predictions), and image, one line per item, under a query summary."""
     q = answer["query"]
     head = f"query {q['width']}x{q['height']}" + (f" box {','.join(map(str, q['bbox']))}" if q["bbox"] else "")
     if q["category"]:
         head += f", looks like {q['category']}"
     if q["filters"]:
         head += f", filters {' '.join(q['filters'])}"
-    rows = [("rank", "score", "item", "category", "attributes", "image")]
+    rows = [("rank", "score", "item", "category", "attributes", "from", "image")]
     for rank, r in enumerate(answer["results"], 1):
         rows.append((str(rank), f"{r['score']:.4f}", r["item_id"], r["category"] or "-",
-                     _short(r["attributes"]), r["image"]))
+                     _short(r["attributes"]), r["attribute_source"] or "-", r["image"]))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = [head + f" ({len(answer['results'])} items, {q['took_ms']} ms)"]
     for row in rows:

@@ -16,24 +16,32 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     parser.add_argument("--onnx", metavar="FILE",
                         help="graph from 'mmfl export --onnx' of the index's checkpoint, run with ONNX Runtime on CPU")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    parser.add_argument("--max-upload-mb", type=int, default=10, help="largest accepted upload in MiB (default 10)")
+    parser.add_argument("--max-upload-mb", type=int, default=10,
+                        help="largest accepted upload in MiB, at least 1 (default 10)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging.config
+
     import uvicorn
 
     from mmfl.errors import MMFLError
-    from mmfl.serve.app import create_app
+    from mmfl.serve.app import create_app, log_config
 
     if args.workers < 1:
         raise MMFLError(f"--workers {args.workers}: must be at least 1")
+    if args.max_upload_mb < 1:
+        raise MMFLError(f"--max-upload-mb {args.max_upload_mb}: must be at least 1")
     if args.workers > 1:
         _check_multi_process(args.index)
+    logging_setup = log_config()
+    logging.config.dictConfig(logging_setup)  # before loading, so the warm-up line shows
     # Load once here so a bad index or checkpoint fails with one line before anything listens.
     app = create_app(args.index, args.checkpoint, args.device, args.max_upload_mb, args.onnx)
+    # access_log=False: the app's RequestLog writes the one line per request (with its duration).
     if args.workers == 1:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info", log_config=logging_setup, access_log=False)
         return 0
     os.environ.update({
         "MMFL_SERVE_INDEX": os.path.abspath(args.index),
@@ -43,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     })
     app.state.searcher.close()  # each worker process builds its own from the environment
     uvicorn.run("mmfl.serve.app:app_from_env", factory=True, host=args.host, port=args.port,
-                workers=args.workers, log_level="info")
+                workers=args.workers, log_level="info", log_config=logging_setup, access_log=False)
     return 0
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from mmfl.commands.common import add_config_args
+from mmfl.commands.common import add_config_args, add_progress_arg
 
 
 def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -14,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     )
     add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/last.pt")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    add_progress_arg(p)
     p.set_defaults(func=run)
 
 

@@ -1,4 +1,5 @@
-"""A torch Dataset over :class:`~mmfl.data.records.Record` lists: decode, crop by box, transform."""
+"""Torch Datasets over :class:`~mmfl.data.records.Record` lists: decode, crop by box, transform on the
+CPU workers, or (``data.decode=gpu``) only read the bytes for the device to decode."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -6,6 +7,7 @@ from typing import Sequence
 import torch
 from torch.utils.data import Dataset
 
+from mmfl.data.gpu_decode import ImageMeta, read_encoded
 from mmfl.data.images import load_crop
 from mmfl.data.records import Record
 from mmfl.data.transforms import ImageTransform
@@ -35,3 +37,26 @@ class RecordDataset(Dataset):
         name = f"{rec.path} ({rec.source})" if rec.source else rec.path
         img = load_crop(rec.path, rec.box, name, self.min_size)
         return self.transform(img), self.labels.get(rec.item_id, -1), index
+
+
+class EncodedRecordDataset(Dataset):
+    """Yields ``(data, meta, label, index)`` for :mod:`mmfl.data.gpu_decode`: a JPEG's file bytes and where
+    to crop it once the device has decoded it (other formats arrive decoded, as RGB pixels).
+
+    Batch it with :func:`mmfl.data.gpu_decode.collate_encoded`. ``min_size`` is
+    :class:`RecordDataset`'s, for the files the worker still decodes.
+    """
+
+    def __init__(self, records: Sequence[Record], labels: dict[str, int] | None = None, min_size: int = 0):
+        self.records = list(records)
+        self.labels = labels or {}
+        self.min_size = min_size
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[bytes, ImageMeta, int, int]:
+        rec = self.records[index]
+        name = f"{rec.path} ({rec.source})" if rec.source else rec.path
+        data, meta = read_encoded(rec.path, rec.box, name, self.min_size)
+        return data, meta, self.labels.get(rec.item_id, -1), index

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mmfl.data.records import Box
 from mmfl.errors import DataError
@@ -62,6 +62,9 @@ def open_crop(source: str | Path | bytes, box: Box | None, name: str | None = No
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise DataError(f"{label}: image too large (decompression bomb refused)") from None
+    except UnidentifiedImageError:  # its own text names the file object (<_io.BytesIO object at 0x...>) for an upload
+        raise DataError(
+            f"{label}: cannot decode image (not a JPEG, PNG, WebP or other supported image format)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         reason = str(exc).split("\n")[0] or type(exc).__name__
         raise DataError(f"{label}: cannot decode image ({reason})") from None

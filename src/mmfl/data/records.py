@@ -35,12 +35,15 @@ class Catalog:
 
     ``attributes[item_id]`` is an int8 vector over ``attribute_names`` in the DeepFashion
     convention 1 = positive, -1 = negative, 0 = unknown (masked out by the loss).
+    ``attribute_groups`` maps a group name to its mutually exclusive attribute names (an item
+    has at most one of them; see :mod:`mmfl.data.formats.attributes`).
     ``skipped`` lists one human-readable reason per record dropped under ``--skip-bad``.
     """
 
     records: list[Record]
     attribute_names: list[str] = field(default_factory=list)
     attributes: dict[str, np.ndarray] = field(default_factory=dict)
+    attribute_groups: dict[str, list[str]] = field(default_factory=dict)
     category_names: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     name: str = ""
@@ -62,6 +65,17 @@ class Catalog:
             if vec is not None:
                 out[row] = vec
         return out
+
+    def annotated_attributes(self, item_id: str) -> tuple[str, ...] | None:
+        """The item's positive attributes when it is annotated (at least one known label), else None.
+
+        None, not an empty tuple, for an item without labels: the index then falls back to the
+        model's predictions, while an annotated item with no positive stays honestly empty.
+        """
+        vec = self.attributes.get(item_id)
+        if vec is None or not np.any(vec):
+            return None
+        return tuple(name for name, value in zip(self.attribute_names, vec.tolist()) if value == 1)
 
     def summary(self) -> str:
         """One line per split: images by domain and items, for logs and the CLI."""

@@ -16,10 +16,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from mmfl.atomic import fsync_dir
-from mmfl.data.records import Record
+from mmfl.data.records import Catalog, Record
 from mmfl.errors import DataError, GalleryIndexError
 from mmfl.index import faiss_store, milvus_store
-from mmfl.index.labels import predicted_attributes, predicted_category
+from mmfl.index.labels import ANNOTATED, PREDICTED, AttributeDecoder, predicted_category
 from mmfl.index.store import (
     BACKENDS, FORMAT, KINDS, MANIFEST, VERSION, Entry, Facets, GalleryStore, new_generation,
     open_store, read_manifest, utc_now, write_manifest,
@@ -77,13 +77,25 @@ def _check_target(index_dir: Path) -> dict[str, Any] | None:
 
 
 def gallery_entries(records: Sequence[Record], attribute_probs: np.ndarray | None, category_probs: np.ndarray | None,
-                    attribute_names: Sequence[str], category_names: Sequence[str]) -> list[Entry]:
-    """Metadata rows: the dataset's category when it has one (else the predicted one), predicted attributes."""
+                    decoder: AttributeDecoder, category_names: Sequence[str],
+                    catalog: Catalog | None = None) -> list[Entry]:
+    """Metadata rows: the dataset's category when it has one (else the predicted one); the item's
+    annotated attributes when ``catalog`` labels it, else the model's decisions (``decoder``).
+
+    Labels, where they exist, are the truth a shopper filters on; predictions only fill the gaps,
+    and each row's ``attribute_source`` says which it holds.
+    """
     entries = []
     for i, rec in enumerate(records):
-        attrs = predicted_attributes(None if attribute_probs is None else attribute_probs[i], attribute_names)
+        annotated = catalog.annotated_attributes(rec.item_id) if catalog is not None else None
+        if annotated is not None:
+            attrs, source = annotated, ANNOTATED
+        elif attribute_probs is not None and decoder.names:
+            attrs, source = decoder.attributes(attribute_probs[i]), PREDICTED
+        else:
+            attrs, source = (), None
         category = rec.category or predicted_category(None if category_probs is None else category_probs[i], category_names)
-        entries.append(Entry(rec.item_id, str(Path(rec.path).resolve()), category, attrs))
+        entries.append(Entry(rec.item_id, str(Path(rec.path).resolve()), category, attrs, source))
     return entries
 
 
@@ -99,12 +111,15 @@ def build_index(
     device: str = "cpu",
     num_workers: int = 0,
     progress: bool = True,
+    catalog: Catalog | None = None,
 ) -> BuildReport:
     """Embed ``records`` with ``model`` (from :func:`mmfl.checkpoint.load_model`) into the index at ``index_dir``.
 
     Without ``add`` the index is rebuilt from ``records`` alone; with ``add`` they are appended
     (images already indexed are skipped), which requires the same checkpoint, dimension,
-    backend and kind as the existing index.
+    backend and kind as the existing index. ``catalog`` (the dataset ``records`` come from)
+    supplies annotated attributes; without it, or for items it does not label, attributes are
+    the model's predictions under the checkpoint's thresholds and exclusive groups.
     """
     from mmfl.extract import extract_features
 
@@ -135,11 +150,12 @@ def build_index(
         feats = extract_features(model, todo, model_input_size(model), batch_size=batch_size, device=device,
                                  num_workers=num_workers, progress=progress, predictions=True)
         vectors = np.ascontiguousarray(feats.embeddings.numpy(), dtype=np.float32)
+        decoder = AttributeDecoder.from_meta(model.meta)
         entries = gallery_entries(
             todo,
             None if feats.attribute_probs is None else feats.attribute_probs.numpy(),
             None if feats.category_probs is None else feats.category_probs.numpy(),
-            model.meta["attribute_names"], model.meta["category_names"],
+            decoder, model.meta["category_names"], catalog,
         )
         index_dir.mkdir(parents=True, exist_ok=True)
         gen = new_generation()
@@ -161,6 +177,8 @@ def build_index(
         "checkpoint_sha256": model.meta["checkpoint_sha256"],
         "created": previous["created"] if add and previous else now, "updated": now,
         "facets": Facets.from_json(previous.get("facets") if add and previous else None).add(entries).to_json(),
+        # how rows with attribute_source "predicted" were decided (thresholds' origin, groups)
+        "attribute_predictions": decoder.describe() if decoder.names else None,
         **written,
     }
     write_manifest(index_dir, manifest)

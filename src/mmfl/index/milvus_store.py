@@ -29,6 +29,8 @@ DEFAULT_LITE_DB = "milvus.db"
 MAX_TOPK = 16384
 INSERT_BATCH = 1000
 _OUTPUT = ["item_id", "image", "category", "attributes"]
+#: Added after the first release: collections built before it lack the field (read as None).
+_SOURCE = "attribute_source"
 _REMOTE_SCHEMES = ("http://", "https://", "tcp://", "grpc://", "unix:")
 
 
@@ -109,15 +111,21 @@ def _schema(dim: int, num_attributes: int) -> Any:
     schema.add_field("category", DataType.VARCHAR, max_length=256)
     schema.add_field("attributes", DataType.ARRAY, element_type=DataType.VARCHAR,
                      max_capacity=max(1, min(num_attributes, 4096)), max_length=256)
+    schema.add_field(_SOURCE, DataType.VARCHAR, max_length=16)
     schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
     return schema
 
 
-def _rows(start: int, vectors: np.ndarray, entries: Sequence[Entry]) -> Iterable[list[dict[str, Any]]]:
+def _rows(start: int, vectors: np.ndarray, entries: Sequence[Entry],
+          with_source: bool = True) -> Iterable[list[dict[str, Any]]]:
+    """Insert batches; ``with_source`` False for a collection made before the source field existed."""
     batch: list[dict[str, Any]] = []
     for offset, (vec, e) in enumerate(zip(vectors, entries)):
-        batch.append({"row": start + offset, "item_id": e.item_id, "image": e.image, "category": e.category or "",
-                      "attributes": list(e.attributes), "vector": vec.astype(np.float32).tolist()})
+        row = {"row": start + offset, "item_id": e.item_id, "image": e.image, "category": e.category or "",
+               "attributes": list(e.attributes), "vector": vec.astype(np.float32).tolist()}
+        if with_source:
+            row[_SOURCE] = e.attribute_source or ""
+        batch.append(row)
         if len(batch) == INSERT_BATCH:
             yield batch
             batch = []
@@ -133,7 +141,7 @@ def write_milvus_generation(
     if base is not None:
         client, name, count = base.client, base.collection, base.manifest["count"]
         client.delete(name, filter=f"row >= {int(count)}")  # leftovers of an add that never committed
-        for batch in _rows(count, vectors, entries):
+        for batch in _rows(count, vectors, entries, with_source=_SOURCE in base.output_fields):
             client.insert(name, batch)
         client.flush(name)
         return {"params": dict(base.manifest.get("params", {})), "files": {}, "milvus": dict(base.manifest["milvus"])}
@@ -182,6 +190,8 @@ class MilvusStore:
             self.client.close()
             raise GalleryIndexError(f"{self.index_dir}: Milvus collection {self.collection} not found at {info['uri']}")
         self.client.load_collection(self.collection)
+        fields = {f["name"] for f in self.client.describe_collection(self.collection)["fields"]}
+        self.output_fields = [*_OUTPUT, _SOURCE] if _SOURCE in fields else list(_OUTPUT)
 
     def __len__(self) -> int:
         return int(self.manifest["count"])
@@ -199,7 +209,7 @@ class MilvusStore:
             search_params["params"] = {"ef": max(int(params.get("efSearch", HNSW_EF_SEARCH)), n)}
         result = self.client.search(
             self.collection, data=[np.asarray(vector, dtype=np.float32).tolist()], limit=n,
-            filter=filter_expression(flt, len(self)), output_fields=_OUTPUT, search_params=search_params,
+            filter=filter_expression(flt, len(self)), output_fields=self.output_fields, search_params=search_params,
         )
         return [Hit(int(h["row"]), float(h["distance"]), _entry(h["entity"])) for h in result[0]]
 
@@ -225,4 +235,5 @@ class MilvusStore:
 
 
 def _entry(entity: dict[str, Any]) -> Entry:
-    return Entry(entity["item_id"], entity["image"], entity.get("category") or None, tuple(entity.get("attributes") or ()))
+    return Entry(entity["item_id"], entity["image"], entity.get("category") or None,
+                 tuple(entity.get("attributes") or ()), entity.get(_SOURCE) or None)

@@ -20,7 +20,7 @@ from mmfl.data.images import check_box, open_crop
 from mmfl.data.records import Box
 from mmfl.errors import DataError, GalleryIndexError, MMFLError
 from mmfl.index.build import check_compatible, model_input_size
-from mmfl.index.labels import predicted_attributes, predicted_category
+from mmfl.index.labels import AttributeDecoder, predicted_category
 from mmfl.index.store import Filter, GalleryStore, Hit, open_store
 
 #: Rows fetched per wanted item on the first try (items usually have a few gallery images).
@@ -50,7 +50,8 @@ def parse_bbox(text: str) -> Box:
 
 
 def embed_query(model: Any, image: Image.Image, bbox: Box | None = None, device: str = "cpu") -> Query:
-    """Crop ``image`` to ``bbox`` (clamped), embed it as the gallery was, and read the heads' predictions."""
+    """Crop ``image`` to ``bbox`` (clamped), embed it as the gallery was, and read the heads' predictions
+    (attributes decided as the gallery's predicted ones are: the checkpoint's thresholds and groups)."""
     import torch
     import torch.nn.functional as F
 
@@ -68,7 +69,7 @@ def embed_query(model: Any, image: Image.Image, bbox: Box | None = None, device:
     return Query(
         vector.astype(np.float32),
         predicted_category(cat, model.meta["category_names"]),
-        predicted_attributes(attr, model.meta["attribute_names"]),
+        AttributeDecoder.from_meta(model.meta).attributes(attr),
     )
 
 
@@ -86,8 +87,10 @@ def search_items(store: GalleryStore, vector: np.ndarray, k: int, flt: Filter = 
 
 
 def hit_json(hit: Hit) -> dict[str, Any]:
+    """One result row; ``attribute_source`` is "annotated", "predicted" or None (see :class:`Entry`)."""
     return {"item_id": hit.entry.item_id, "image": hit.entry.image, "score": round(hit.score, 6),
-            "category": hit.entry.category, "attributes": list(hit.entry.attributes)}
+            "category": hit.entry.category, "attributes": list(hit.entry.attributes),
+            "attribute_source": hit.entry.attribute_source}
 
 
 def load_index_model(index_dir: Path, manifest: dict[str, Any], checkpoint: str | Path | None = None,

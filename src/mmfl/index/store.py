@@ -31,20 +31,27 @@ _REQUIRED = ("backend", "kind", "embed_dim", "count", "checkpoint", "checkpoint_
 
 @dataclass(frozen=True)
 class Entry:
-    """One gallery image: its item, absolute image path, category and predicted attribute names."""
+    """One gallery image: its item, absolute image path, category and attribute names.
+
+    ``attribute_source`` says where ``attributes`` come from: ``"annotated"`` (the dataset's
+    labels of the item), ``"predicted"`` (the model's decisions, for items without labels) or
+    None (neither: no labels and no attribute head; also rows of indexes built before it existed).
+    """
 
     item_id: str
     image: str
     category: str | None = None
     attributes: tuple[str, ...] = ()
+    attribute_source: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"item_id": self.item_id, "image": self.image, "category": self.category,
-                "attributes": list(self.attributes)}
+                "attributes": list(self.attributes), "attribute_source": self.attribute_source}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Entry":
-        return cls(str(d["item_id"]), str(d["image"]), d.get("category") or None, tuple(d.get("attributes") or ()))
+        return cls(str(d["item_id"]), str(d["image"]), d.get("category") or None, tuple(d.get("attributes") or ()),
+                   d.get("attribute_source") or None)
 
 
 @dataclass(frozen=True)
@@ -159,10 +166,12 @@ def write_manifest(index_dir: str | Path, manifest: dict[str, Any]) -> None:
 
 @dataclass
 class Facets:
-    """How many gallery images carry each category and attribute (for the page's filter menus)."""
+    """How many gallery images carry each category and attribute (for the page's filter menus),
+    and how many images' attributes are annotated vs predicted (``attribute_sources``)."""
 
     categories: dict[str, int] = field(default_factory=dict)
     attributes: dict[str, int] = field(default_factory=dict)
+    attribute_sources: dict[str, int] = field(default_factory=dict)
 
     def add(self, entries: Iterable[Entry]) -> "Facets":
         for e in entries:
@@ -170,15 +179,19 @@ class Facets:
                 self.categories[e.category] = self.categories.get(e.category, 0) + 1
             for a in e.attributes:
                 self.attributes[a] = self.attributes.get(a, 0) + 1
+            if e.attribute_source:
+                self.attribute_sources[e.attribute_source] = self.attribute_sources.get(e.attribute_source, 0) + 1
         return self
 
     def to_json(self) -> dict[str, dict[str, int]]:
-        return {"categories": dict(sorted(self.categories.items())), "attributes": dict(sorted(self.attributes.items()))}
+        return {"categories": dict(sorted(self.categories.items())),
+                "attributes": dict(sorted(self.attributes.items())),
+                "attribute_sources": dict(sorted(self.attribute_sources.items()))}
 
     @classmethod
     def from_json(cls, d: dict[str, Any] | None) -> "Facets":
         d = d or {}
-        return cls(dict(d.get("categories", {})), dict(d.get("attributes", {})))
+        return cls(dict(d.get("categories", {})), dict(d.get("attributes", {})), dict(d.get("attribute_sources", {})))
 
 
 def open_store(index_dir: str | Path) -> GalleryStore:

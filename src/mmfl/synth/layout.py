@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmfl.errors import MMFLError
-from mmfl.synth.attributes import ATTRIBUTES
+from mmfl.synth.attributes import ATTRIBUTES, EXCLUSIVE_GROUPS
 from mmfl.synth.recipe import STREAM_SPLIT, rng_for
 
 MARKER = "mmfl synth: generated DeepFashion Consumer-to-shop layout"
@@ -76,7 +76,8 @@ def write_readme(out: Path, items: int, seed: int, size: int) -> None:
         "Procedurally drawn garments written in the layout of DeepFashion Consumer-to-shop:\n"
         "img/<CATEGORY>/<SUBCATEGORY>/id_XXXXXXXX/{shop,comsumer}_NN.jpg (the misspelling is the original's),\n"
         "Anno/list_bbox_consumer2shop.txt, Anno/list_item_consumer2shop.txt, Anno/list_attr_cloth.txt,\n"
-        "Anno/list_attr_items.txt and Eval/list_eval_partition.txt. Regenerate with\n"
+        "Anno/list_attr_items.txt, Anno/list_attr_groups.txt (mutually exclusive attributes) and\n"
+        "Eval/list_eval_partition.txt. Regenerate with\n"
         f"  mmfl synth OUT --items {items} --seed {seed} --size {size}\n"
     )
     (out / "README.txt").write_text(text, encoding="utf-8")
@@ -101,7 +102,7 @@ def _write_table(path: Path, header: str, rows: list[str]) -> None:
 
 
 def write_annotations(out: Path, items: list[SynthItem], splits: list[str]) -> int:
-    """All five annotation files; returns the number of consumer/shop pairs written."""
+    """All six annotation files; returns the number of consumer/shop pairs written."""
     names = [im.name for item in items for im in item.images]
     width = max(len(n) for n in names) + 8
     bbox_rows = [
@@ -117,6 +118,8 @@ def write_annotations(out: Path, items: list[SynthItem], splits: list[str]) -> i
                  [f"{name:<{attr_width}}{kind}" for name, kind in ATTRIBUTES])
     _write_table(out / "Anno" / "list_attr_items.txt", "item_id attribute_labels",
                  [item.item_id + " " + " ".join(f"{v:>2}" for v in item.attributes) for item in items])
+    _write_table(out / "Anno" / "list_attr_groups.txt", "attribute_name group_name",
+                 [f"{name:<{attr_width}}{group}" for group, names in EXCLUSIVE_GROUPS.items() for name in names])
     pairs = [
         f"{consumer:<{width}}{shop:<{width}}{item.item_id:<14}{split}"
         for item, split in zip(items, splits)

@@ -13,26 +13,32 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from mmfl.atomic import atomic_write_text
 from mmfl.checkpoint import atomic_save, model_payload, read_checkpoint
-from mmfl.config import Config, config_to_dict, dump_config
-from mmfl.data.dataset import RecordDataset
+from mmfl.config import Config, config_from_dict, config_to_dict, dump_config
+from mmfl.data.dataset import EncodedRecordDataset, RecordDataset
 from mmfl.data.formats import read_dataset
+from mmfl.data.gpu_decode import DeviceBatches, TrainAugment, collate_encoded, pick_decode_device
 from mmfl.data.records import Catalog, Record
 from mmfl.data.sampler import PKSampler
 from mmfl.data.transforms import train_source_size, train_transform
 from mmfl.errors import MMFLError
+from mmfl.progress import progress as make_progress
 from mmfl.train.distributed import DistInfo, barrier, init_distributed, shutdown
 from mmfl.train.schedule import lr_multiplier
 from mmfl.train.step import Batch, TrainStep
+
+
+#: Differences a refused ``--resume`` lists before "and N more".
+RESUME_DIFFS_SHOWN = 6
 
 
 class TrainingError(MMFLError):
@@ -103,12 +109,25 @@ def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: to
     _seed_everything(cfg.seed, cfg.train.deterministic)
 
     data = prepare_data(cfg)
-    if info.is_main:
-        _remove_torn_saves(ckpt_dir)
-        dump_config(cfg, out / "config.yaml")
-        _log(f"data: {cfg.data.root} ({cfg.data.format})\n" + data.catalog.summary())
-
-    model = build_model(cfg, data.num_items, len(data.catalog.attribute_names), _num_categories(cfg, data))
+    meta = {
+        "config": config_to_dict(cfg),
+        "num_items": data.num_items,
+        "num_attributes": len(data.catalog.attribute_names),
+        "num_categories": _num_categories(cfg, data),
+        "attribute_names": list(data.catalog.attribute_names),
+        "category_names": list(data.catalog.category_names),
+        "attribute_groups": dict(data.catalog.attribute_groups),
+    }
+    # Every refusal comes before the first write: a --resume that does not fit, or ImageNet weights
+    # that cannot be had offline, must leave the output folder exactly as it was.
+    ckpt = _resumable_checkpoint(last_path, cfg, meta) if resume else None
+    cuda_graph = cfg.train.cuda_graph and device.type == "cuda"
+    if cuda_graph and info.enabled:
+        raise TrainingError(f"train.cuda_graph: runs in one process, not with {info.world_size} (DDP's "
+                            "all-reduce is not captured); set train.cuda_graph=false")
+    # A resumed model gets its weights from the checkpoint: no pretrained file is needed (or read).
+    build_cfg = cfg if ckpt is None else replace(cfg, model=replace(cfg.model, pretrained="none"))
+    model = build_model(build_cfg, data.num_items, meta["num_attributes"], meta["num_categories"])
     criterion = build_criterion(cfg, data.num_items, cfg.model.branches[0].dim)
     model.to(device)
     criterion.to(device)
@@ -124,6 +143,14 @@ def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: to
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
 
+    if info.is_main:  # the first write
+        _remove_torn_saves(ckpt_dir)
+        dump_config(cfg, out / "config.yaml")
+        _log(f"data: {cfg.data.root} ({cfg.data.format})\n" + data.catalog.summary())
+        if ckpt is None and cfg.model.pretrained in ("", "none"):
+            _log("warning: model.pretrained=none: the backbone starts from random weights, so retrieval stays "
+                 "poor unless trained long; model.pretrained=imagenet (the default) starts from ImageNet")
+
     optimizer = build_optimizer(cfg, model, device)
     center_params = criterion.center_parameters()
     center_opt = torch.optim.SGD(center_params, lr=cfg.loss.center_lr) if center_params else None
@@ -133,22 +160,9 @@ def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: to
                       cfg.train.step_milestones, cfg.train.step_gamma),
     )
 
-    meta = {
-        "config": config_to_dict(cfg),
-        "num_items": data.num_items,
-        "num_attributes": len(data.catalog.attribute_names),
-        "num_categories": _num_categories(cfg, data),
-        "attribute_names": list(data.catalog.attribute_names),
-        "category_names": list(data.catalog.category_names),
-    }
     start_epoch, best, history = 0, [-1.0, -1.0], []  # best (val top-20, val mAP)
-    if resume:
-        if not last_path.is_file():
-            raise TrainingError(f"{last_path}: nothing to resume from (no last checkpoint)")
-        ckpt = read_checkpoint(last_path, map_location="cpu")
-        state = ckpt.get("train_state")
-        if state is None:
-            raise TrainingError(f"{last_path}: checkpoint has no training state to resume")
+    if ckpt is not None:
+        state = ckpt["train_state"]
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(state["optimizer"])
         for group in optimizer.param_groups:  # step the way this run was built (a GPU graph run resumed on CPU)
@@ -163,10 +177,6 @@ def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: to
         if info.is_main:
             _log(f"resuming from {last_path} at epoch {start_epoch + 1}/{cfg.train.epochs}")
 
-    cuda_graph = cfg.train.cuda_graph and device.type == "cuda"
-    if cuda_graph and info.enabled:
-        raise TrainingError(f"train.cuda_graph: runs in one process, not with {info.world_size} (DDP's "
-                            "all-reduce is not captured); set train.cuda_graph=false")
     train_model: torch.nn.Module = model
     if info.enabled:
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -183,13 +193,8 @@ def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: to
         # the checkpoint's history is the truth, so the log restarts from it.
         _rewrite_jsonl(out / "metrics.jsonl", history)
     writer = _tensorboard(cfg, out) if info.is_main else None
-    dataset = RecordDataset(
-        data.records,
-        train_transform(cfg.input.size, cfg.input.flip, cfg.input.crop_scale_min, cfg.input.color_jitter,
-                        cfg.input.random_erasing),
-        data.labels,
-        min_size=train_source_size(cfg.input.size, cfg.input.crop_scale_min),
-    )
+    decode_device = pick_decode_device(cfg.data.decode, device)
+    dataset = train_dataset(cfg, data, decode_device)
     global_step = start_epoch * steps_per_epoch
 
     def checkpoint_state(epoch: int) -> dict[str, Any]:
@@ -214,15 +219,12 @@ def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: to
 
     for epoch in range(start_epoch, cfg.train.epochs):
         sampler.set_epoch(epoch)
-        loader = DataLoader(
-            dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-            pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch),
-            worker_init_fn=_seed_worker, persistent_workers=False,
-        )
+        loader = train_batches(cfg, dataset, sampler, device, epoch, decode_device)
         train_model.train()
         sums: dict[str, float] = {}
         seen, t0 = 0, time.perf_counter()
-        bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.train.epochs}", progress and info.is_main)
+        bar = make_progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.train.epochs}", progress and info.is_main,
+                            leave=False, unit="step")
         pending: tuple[int, dict[str, torch.Tensor]] | None = None  # (step, its loss terms, not yet read)
 
         def account(step: int, terms_on_device: dict[str, torch.Tensor]) -> None:
@@ -239,8 +241,7 @@ def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: to
             lr = optimizer.param_groups[0]["lr"]
             if bar is not None:
                 rate = seen * info.world_size / max(1e-9, time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{terms['total']:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
-                bar.update(1)
+                bar.update(1, loss=f"{terms['total']:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
             if writer is not None:
                 for k, v in terms.items():
                     writer.add_scalar("train/loss" if k == "total" else f"train/{k}", v, step_no)
@@ -280,8 +281,9 @@ def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: to
         history.append(row)
         if info.is_main:
             _append_jsonl(out / "metrics.jsonl", row)
+            _log(f"epoch {epoch + 1}: loss {row.get('loss', math.nan):.3f} ({row['images_per_s']:.0f} img/s)")
         if info.is_main and cfg.train.eval_every and (epoch + 1) % cfg.train.eval_every == 0:
-            val = validate(model, data.catalog, cfg, device)
+            val = validate(model, data.catalog, cfg, device, decode_device, progress)
             if val is not None:
                 model.train()
                 val_row = {"kind": "eval", "epoch": epoch + 1, "split": cfg.data.val_split, **val}
@@ -298,22 +300,134 @@ def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: to
         if info.is_main:
             atomic_save(checkpoint_state(epoch + 1), last_path)
         barrier(info)
+    if info.is_main:
+        _store_attribute_thresholds(model, data.catalog, cfg, device, [last_path, best_path])
+    barrier(info)
     if writer is not None:
         writer.close()
     return TrainResult(out, last_path, best_path if best_path.exists() else None,
                        cfg.train.epochs - start_epoch, history)
 
 
-def validate(model: torch.nn.Module, catalog: Catalog, cfg: Config, device: torch.device) -> dict[str, Any] | None:
-    """Top-k/mAP on the validation split (None when the split has no queries or gallery)."""
+def _store_attribute_thresholds(model: torch.nn.Module, catalog: Catalog, cfg: Config, device: torch.device,
+                                paths: list[Path]) -> None:
+    """Write per-attribute thresholds, chosen on the val split with each checkpoint's own weights, into it.
+
+    Index, search and serve decide attributes with them; a checkpoint without them falls back to
+    0.5 (and the index manifest says so). The checkpoint is rewritten as read plus these fields, so
+    its training state, and a resume from it, are untouched; a resume redoes this harmlessly.
+    """
+    from mmfl.attribute_metrics import calibrate_thresholds
+
+    for path in (p for p in paths if p.is_file()):
+        ckpt = read_checkpoint(path, map_location="cpu")
+        model.load_state_dict(ckpt["model"])
+        fields = calibrate_thresholds(model, catalog, cfg.data.val_split, cfg.input.size, cfg.eval.batch_size,
+                                      device, cfg.data.num_workers)
+        if fields is None:
+            if catalog.attribute_names:
+                _log(f"attribute thresholds: split '{cfg.data.val_split}' has no labelled images; "
+                     "attributes will be decided at 0.5")
+            return
+        atomic_save({**ckpt, **fields}, path)
+        info = fields["attribute_calibration"]
+        _log(f"attribute thresholds for {path.name}: chosen on {info['images']} '{info['split']}' images "
+             f"({info['attributes_calibrated']} of {len(catalog.attribute_names)} attributes have a known positive there)")
+
+
+def validate(model: torch.nn.Module, catalog: Catalog, cfg: Config, device: torch.device,
+             decode_device: torch.device | None = None, progress: bool = True) -> dict[str, Any] | None:
+    """Top-k/mAP on the validation split (None when the split has no queries or gallery); ``decode_device``
+    as in :func:`mmfl.extract.extract_features`; ``progress`` False keeps the embedding passes quiet
+    (``mmfl train --no-progress`` means no bars at all)."""
     from mmfl.evaluate import run_evaluation
 
     queries, gallery = catalog.split(cfg.data.val_split, "consumer"), catalog.split(cfg.data.val_split, "shop")
     if not {r.item_id for r in queries} & {r.item_id for r in gallery}:
         return None
     result = run_evaluation(model.eval(), catalog, split=cfg.data.val_split, size=cfg.input.size,
-                            batch_size=cfg.eval.batch_size, device=device, num_workers=cfg.data.num_workers).metrics
+                            batch_size=cfg.eval.batch_size, device=device, num_workers=cfg.data.num_workers,
+                            decode_device=decode_device, progress=progress).metrics
     return {k: result[k] for k in ("top1", "top5", "top10", "top20", "top50", "mAP", "num_queries", "num_gallery")}
+
+
+def train_dataset(cfg: Config, data: TrainData, decode_device: torch.device | None) -> Dataset:
+    """The training records as a Dataset: decoded and augmented by the CPU workers, or with a
+    ``decode_device`` (``data.decode=gpu``) only read there, for :func:`train_batches` to decode on the device."""
+    min_size = train_source_size(cfg.input.size, cfg.input.crop_scale_min)
+    if decode_device is not None:
+        return EncodedRecordDataset(data.records, data.labels, min_size=min_size)
+    inp = cfg.input
+    transform = train_transform(inp.size, inp.flip, inp.crop_scale_min, inp.color_jitter, inp.random_erasing)
+    return RecordDataset(data.records, transform, data.labels, min_size=min_size)
+
+
+def train_batches(cfg: Config, dataset: Dataset, sampler: PKSampler, device: torch.device, epoch: int,
+                  decode_device: torch.device | None) -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """One epoch's ``(uint8 images, labels, record indices)`` from :func:`train_dataset`'s ``dataset``.
+
+    The images arrive pinned on the host (CPU decode), or already on ``decode_device``, decoded
+    and augmented there (:class:`mmfl.data.gpu_decode.DeviceBatches`); the seed is the epoch's
+    either way, so a resumed run repeats its epochs.
+    """
+    seed = cfg.seed * 1000 + epoch
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda" and decode_device is None, generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=_seed_worker, persistent_workers=False,
+        collate_fn=None if decode_device is None else collate_encoded,
+    )
+    if decode_device is None:
+        return loader
+    inp = cfg.input
+    return DeviceBatches(loader, decode_device,
+                         TrainAugment(inp.size, inp.flip, inp.crop_scale_min, inp.color_jitter, inp.random_erasing), seed)
+
+
+def _resumable_checkpoint(last_path: Path, cfg: Config, meta: dict[str, Any]) -> dict[str, Any]:
+    """``last.pt`` when it can continue this run; else one line naming what differs, and nothing touched.
+
+    Resuming loads the stored weights, optimizer and center-loss states into a model built from
+    ``cfg`` and the data, so every setting that shapes them must match: the whole ``model`` section
+    (its ``pretrained`` aside, the checkpoint holds the weights), the optimizer, whether the center
+    loss is on, and the data-derived head sizes.
+    """
+    if not last_path.is_file():
+        raise TrainingError(f"{last_path}: nothing to resume from (no last checkpoint)")
+    ckpt = read_checkpoint(last_path, map_location="cpu")
+    if ckpt.get("train_state") is None:
+        raise TrainingError(f"{last_path}: checkpoint has no training state to resume")
+    try:
+        stored = config_to_dict(config_from_dict(ckpt["config"]))
+    except (KeyError, MMFLError) as exc:
+        raise TrainingError(f"{last_path}: its stored config is unusable ({exc})") from None
+    now = config_to_dict(cfg)
+    old_flat, new_flat = _flatten(stored["model"], "model"), _flatten(now["model"], "model")
+    differ = [(k, old_flat.get(k, "(none)"), new_flat.get(k, "(none)"))
+              for k in dict.fromkeys([*old_flat, *new_flat])
+              if k != "model.pretrained" and old_flat.get(k) != new_flat.get(k)]
+    if stored["train"]["optimizer"] != now["train"]["optimizer"]:
+        differ.append(("train.optimizer", stored["train"]["optimizer"], now["train"]["optimizer"]))
+    if (stored["loss"]["center_weight"] > 0) != (now["loss"]["center_weight"] > 0):  # center loss on/off
+        differ.append(("loss.center_weight", stored["loss"]["center_weight"], now["loss"]["center_weight"]))
+    for key in ("num_items", "num_attributes", "num_categories"):
+        if ckpt.get(key, 0) != meta[key]:
+            differ.append((f"{key} (from the data)", ckpt.get(key, 0), meta[key]))
+    if differ:
+        shown = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, old, new in differ[:RESUME_DIFFS_SHOWN])
+        more = f"; and {len(differ) - RESUME_DIFFS_SHOWN} more" if len(differ) > RESUME_DIFFS_SHOWN else ""
+        raise TrainingError(f"--resume: {last_path} was trained with a different setup ({shown}{more}); "
+                            f"resume with its values or train into a new output_dir")
+    return ckpt
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+    """``{"a": {"b": [{"c": 2}], "d": [3, 4]}}`` -> ``{"a.b[0].c": 2, "a.d": [3, 4]}``: keys as a user writes them."""
+    if isinstance(value, dict):
+        return {k: v for name, sub in value.items() for k, v in _flatten(sub, f"{prefix}.{name}").items()}
+    if isinstance(value, list) and any(isinstance(sub, dict) for sub in value):
+        return {k: v for i, sub in enumerate(value) for k, v in _flatten(sub, f"{prefix}[{i}]").items()}
+    return {prefix: value}
 
 
 def _num_categories(cfg: Config, data: TrainData) -> int:
@@ -394,14 +508,6 @@ def _tensorboard(cfg: Config, out: Path) -> Any:
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(str(out / "tb"))
-
-
-def _progress(total: int, desc: str, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
 
 
 def _append_jsonl(path: Path, row: dict[str, Any]) -> None:

@@ -134,11 +134,16 @@ def split_row(row: Row, columns: Sequence[str], problems: Problems, name_first: 
     """Split a row into exactly ``len(columns)`` whitespace-separated fields, or report it.
 
     With ``name_first`` the first field is everything before the last ``len(columns) - 1``
-    fields, so an image name that contains spaces survives.
+    fields, so an image name that contains spaces survives. Without it (two names in a row leave
+    nothing to tell where one ends) a row with too many fields whose columns hold images most
+    likely has a space in a path, and the message says so.
     """
     parts = row.text.rsplit(None, len(columns) - 1) if name_first else row.text.split()
     if len(parts) != len(columns):
-        problems.bad(row.where, f"expected {len(columns)} columns ({' '.join(columns)}), found {len(parts)}")
+        hint = ""
+        if len(parts) > len(columns) and any(c.endswith(("image", "image_name")) for c in columns):
+            hint = "; paths with spaces are not supported in this whitespace-separated file"
+        problems.bad(row.where, f"expected {len(columns)} columns ({' '.join(columns)}), found {len(parts)}{hint}")
         return None
     if name_first:
         parts[0] = parts[0].strip()

@@ -8,6 +8,11 @@ const state = { file: null, image: null, scale: 1, box: null, drag: null, inflig
 const MAX_PREVIEW = 316; // preview width in CSS pixels (small photos are scaled up to it)
 const MAX_PREVIEW_HEIGHT = 420;
 const MAX_CHIPS = 5; // most confident attributes shown on a card; the rest in a tooltip
+const SCORE_MEANING = "cosine similarity of the embeddings: 1 = same picture, higher is closer; not a probability";
+const SOURCE_MEANING = {
+  annotated: "attributes from the gallery's annotations",
+  predicted: "attributes predicted by the model",
+};
 
 async function loadInfo() {
   try {
@@ -134,20 +139,30 @@ async function search() {
   setStatus("searching…");
   try {
     const response = await fetch("/search", { method: "POST", body: form, signal: controller.signal });
-    const answer = await response.json();
+    const answer = await response.json().catch(() => ({}));
     if (!response.ok) {
-      setStatus(answer.error || `error ${response.status}`, true);
-      render([]);
+      showError(answer.error || `the server answered ${response.status} ${response.statusText}`);
       return;
     }
     render(answer.results);
     describeQuery(answer.query);
     setStatus(`${answer.results.length} items in ${answer.query.took_ms} ms`);
   } catch (err) {
-    if (err.name !== "AbortError") setStatus(`search failed: ${err}`, true);
+    if (err.name !== "AbortError") showError(`search failed: ${err.message || err}`);
   } finally {
     if (state.inflight === controller) state.inflight = null;
   }
+}
+
+// A refused search is not an empty result: the reason replaces the results, as an alert.
+function showError(text) {
+  setStatus("search failed", true);
+  $("query").textContent = "";
+  const p = document.createElement("p");
+  p.className = "error";
+  p.setAttribute("role", "alert");
+  p.textContent = text;
+  $("results").replaceChildren(p);
 }
 
 function describeQuery(query) {
@@ -178,8 +193,17 @@ function render(results) {
     img.loading = "lazy";
     const body = document.createElement("div");
     body.className = "body";
-    body.append(line("item", r.item_id), line("score", r.score.toFixed(3)));
+    const score = line("score", `score ${r.score.toFixed(3)}`);
+    score.title = SCORE_MEANING;
+    body.append(line("item", r.item_id), score);
     if (r.category) body.append(line("category", r.category));
+    if (r.attribute_source && r.attributes.length) {
+      const source = document.createElement("span");
+      source.className = "source";
+      source.textContent = r.attribute_source;
+      source.title = SOURCE_MEANING[r.attribute_source] || "";
+      body.appendChild(source);
+    }
     for (const name of r.attributes.slice(0, MAX_CHIPS)) {
       const chip = document.createElement("span");
       chip.className = "chip";
