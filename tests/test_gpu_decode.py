@@ -365,3 +365,26 @@ def test_training_with_gpu_decode_on_cuda(synth_root: Path, tmp_path: Path) -> N
     result = train(cfg, progress=False)
     (epoch,) = [row for row in result.history if row["kind"] == "epoch"]
     assert math.isfinite(epoch["loss"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback is taken only without CUDA")
+def test_eval_and_index_take_decode_gpu_and_fall_back_with_one_notice(synth_root: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """``mmfl eval/index --decode gpu`` reach the device path's chooser: without CUDA one notice and the
+    CPU path's exact results."""
+    from mmfl.cli import main
+    from mmfl.train import train
+
+    checkpoint = train(load_config("global", [f"data.root={synth_root}", f"output_dir={tmp_path / 'run'}", *TINY,
+                                              "train.epochs=0"]), progress=False).last_checkpoint
+    common = ["--data", str(synth_root), "--workers", "0", "--device", "cpu", "--no-progress"]
+    results, counts = {}, {}
+    for decode in ("cpu", "gpu"):
+        assert main(["eval", str(checkpoint), *common, "--decode", decode, "--json", str(tmp_path / f"{decode}.json")]) == 0
+        assert main(["index", str(checkpoint), *common, "--format", "deepfashion-c2s", "--decode", decode, "--out", str(tmp_path / f"index-{decode}")]) == 0
+        err = capsys.readouterr().err
+        assert err.count(NOTICE) == (decode == "gpu"), err
+        results[decode] = json.loads((tmp_path / f"{decode}.json").read_text())
+        counts[decode] = json.loads((tmp_path / f"index-{decode}" / "manifest.json").read_text())["count"]
+    assert results["gpu"]["top1"] == results["cpu"]["top1"] and results["gpu"]["mAP"] == results["cpu"]["mAP"]
+    assert counts["gpu"] == counts["cpu"] > 0

@@ -25,10 +25,20 @@ def add_progress_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def add_extraction_args(parser: argparse.ArgumentParser) -> None:
-    """``--batch-size``, ``--device`` and ``--workers`` of the commands that embed a whole split."""
+    """``--batch-size``, ``--device``, ``--workers`` and ``--decode`` of the commands that embed a whole split."""
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--workers", type=int, default=2, help="image decoding processes (default: 2)")
+    parser.add_argument("--decode", choices=("cpu", "gpu"), default="cpu",
+                        help="where JPEGs are decoded: cpu (the worker processes) or gpu (batched nvJPEG on the "
+                             "model's CUDA device; falls back to cpu with a notice elsewhere; default: cpu)")
+
+
+def decode_device_for(choice: str, device: "torch.device") -> "torch.device | None":
+    """The ``--decode`` choice as :func:`mmfl.data.gpu_decode.pick_decode_device` resolves it for ``device``."""
+    from mmfl.data.gpu_decode import pick_decode_device
+
+    return pick_decode_device(choice, device)
 
 
 def resolve_device(name: str = "auto") -> "torch.device":

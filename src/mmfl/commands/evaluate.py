@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
 
 def run(args: argparse.Namespace) -> int:
     from mmfl.checkpoint import load_model
-    from mmfl.commands.common import resolve_device
+    from mmfl.commands.common import decode_device_for, resolve_device
     from mmfl.data.formats import read_dataset
     from mmfl.evaluate import run_evaluation
 
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         model, catalog, split=args.split, gallery_splits=gallery_splits,
         size=int(model.meta["config"]["input"]["size"]), batch_size=args.batch_size, device=device,
         flip=args.flip, rerank=args.rerank, num_workers=args.workers, progress=not args.no_progress,
-        within_category=args.within_category,
+        within_category=args.within_category, decode_device=decode_device_for(args.decode, device),
     )
     result = {
         **ev.metrics,

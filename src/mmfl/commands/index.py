@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
 
 def run(args: argparse.Namespace) -> int:
     from mmfl.checkpoint import load_model
-    from mmfl.commands.common import resolve_device
+    from mmfl.commands.common import decode_device_for, resolve_device
     from mmfl.data.formats import read_dataset
     from mmfl.errors import DataError
     from mmfl.index.build import build_index
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     report = build_index(
         model, gallery, args.out, backend=backend, kind=kind, add=args.add, milvus_uri=args.milvus_uri,
         batch_size=args.batch_size, device=str(device), num_workers=args.workers, progress=not args.no_progress,
-        catalog=catalog,
+        catalog=catalog, decode_device=decode_device_for(args.decode, device),
     )
     m = report.manifest
     print(f"{report.index_dir}: {report.count} images ({report.added} added, {report.already_indexed} already indexed), "

@@ -11,7 +11,7 @@ import secrets
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from mmfl.index.store import (
     BACKENDS, FORMAT, KINDS, MANIFEST, VERSION, Entry, Facets, GalleryStore, new_generation,
     open_store, read_manifest, utc_now, write_manifest,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 #: Files a build may leave in INDEX: data of some generation or a manifest being written.
 _OWN_FILES = re.compile(r"^(vectors-\w+\.faiss|metadata-\w+\.jsonl|\.manifest\.json\.tmp-\d+|milvus\.db)$")
@@ -112,6 +115,7 @@ def build_index(
     num_workers: int = 0,
     progress: bool = True,
     catalog: Catalog | None = None,
+    decode_device: "torch.device | None" = None,
 ) -> BuildReport:
     """Embed ``records`` with ``model`` (from :func:`mmfl.checkpoint.load_model`) into the index at ``index_dir``.
 
@@ -119,7 +123,8 @@ def build_index(
     (images already indexed are skipped), which requires the same checkpoint, dimension,
     backend and kind as the existing index. ``catalog`` (the dataset ``records`` come from)
     supplies annotated attributes; without it, or for items it does not label, attributes are
-    the model's predictions under the checkpoint's thresholds and exclusive groups.
+    the model's predictions under the checkpoint's thresholds and exclusive groups. ``decode_device``
+    (``mmfl index --decode gpu``) decodes the JPEGs there (:func:`mmfl.extract.extract_features`).
     """
     from mmfl.extract import extract_features
 
@@ -148,7 +153,8 @@ def build_index(
         if base is not None and not todo:
             return BuildReport(index_dir, 0, len(records), len(base), previous)
         feats = extract_features(model, todo, model_input_size(model), batch_size=batch_size, device=device,
-                                 num_workers=num_workers, progress=progress, predictions=True)
+                                 num_workers=num_workers, progress=progress, predictions=True,
+                                 decode_device=decode_device)
         vectors = np.ascontiguousarray(feats.embeddings.numpy(), dtype=np.float32)
         decoder = AttributeDecoder.from_meta(model.meta)
         entries = gallery_entries(
