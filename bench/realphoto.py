@@ -12,7 +12,13 @@ and evaluates, from the same ImageNet MobileNetV2 weights and at the same budget
   ``+attributes`` (the 10 classes as a category target).
 
 Training uses ``train/`` photos, evaluation the ``validation/`` photos: gallery = their clean
-photos, queries = their views. It measures instance retrieval on real photographs under
+photos, queries = their views. ``--protocol hard`` renders harder views (non-rigid warp, partial
+views, strong lighting, low resolution, motion blur, heavier occlusion;
+:mod:`mmfl.data.realphoto_hard`) for training and queries alike. ``--distractors N`` also scores
+every run against a catalogue-sized gallery: the validation photos plus N shop photos of training
+items the ``--items`` subset leaves out (never trained on; the build checks it). Every comparison
+in ``COMPARISONS`` whose two sides share at least 2 seeds is reported as a paired t test over
+those seeds (:mod:`mmfl.stats`). It measures instance retrieval on real photographs under
 synthetic consumer-style changes, not the real consumer-to-shop gap. Variants whose resolved
 config is identical (``mmfl`` and ``+center`` here: the CSV set has no attribute annotations)
 are trained once and reported under both names (``same_as``). Every finished run stores its row
@@ -21,6 +27,7 @@ in its run folder and is reused when the benchmark is started again with the sam
     python bench/realphoto.py                    # CPU budget (about an hour on 2 cores)
     python bench/realphoto.py --device cuda      # full size on a GPU
     python bench/realphoto.py --smoke            # 20 items, 64 px, 1 epoch, 2 variants
+    python bench/realphoto.py --protocol hard --seeds 0,1,2,3,4   # hard views, 2,000 distractors
 """
 from __future__ import annotations
 
@@ -41,9 +48,17 @@ if str(REPO / "src") not in sys.path:
 
 from mmfl.atomic import atomic_write_text  # noqa: E402
 from mmfl.config import load_config  # noqa: E402
-from mmfl.data.realphoto import build_realphoto, find_clothing_small  # noqa: E402
+from mmfl.data.realphoto import DISTRACTOR_SPLIT, PROTOCOLS, build_realphoto, find_clothing_small  # noqa: E402
 from mmfl.errors import MMFLError  # noqa: E402
+from mmfl.stats import paired_t  # noqa: E402
 
+#: configs/mmfl.yaml's branches with the local branch's source and width left open (design variants).
+_MMFL_BRANCHES = (
+    "[{{name: global, level: 5, source: backbone, partition: whole, pooling: gem, dim: 256}}, "
+    "{{name: part2, level: 5, source: backbone, partition: 'stripes:2', pooling: max, dim: 256, with_whole: true}}, "
+    "{{name: part3, level: 5, source: backbone, partition: 'stripes:3', pooling: max, dim: 256}}, "
+    "{{name: local, level: 4, source: {local_source}, partition: 'grid:2x2', pooling: max, dim: {local_dim}}}]"
+)
 #: variant -> (preset, overrides); ``None`` preset = no training (pooled ImageNet features).
 NO_AUX = ["loss.center_weight=0", "loss.attribute_weight=0"]
 VARIANTS: dict[str, tuple[str | None, list[str]]] = {
@@ -59,10 +74,28 @@ VARIANTS: dict[str, tuple[str | None, list[str]]] = {
                              "loss.category_weight=1.0"]),
     # a speed option, not an ablation: the backbone's BN statistics and affine frozen at ImageNet's
     "mmfl+frozen-bn": ("mmfl", ["model.backbone_norm=frozen"]),
+    # Design variants of ``mmfl`` (named before any run on the hard protocol, to be run only if
+    # ``mmfl`` does not beat ``mgn`` there): neck width, fused levels, where the local branch
+    # reads, branch width. Not in the default variant list.
+    "mmfl-neck128": ("mmfl", ["model.neck_width=128"]),
+    "mmfl-fuse45": ("mmfl", ["model.fusion_levels=[4,5]"]),
+    # the local branch on the backbone's level 4 instead of the fused map: no branch reads the neck, so it goes
+    "mmfl-local-bb": ("mmfl", ["model.fusion=none",
+                               "model.branches=" + _MMFL_BRANCHES.format(local_source="backbone", local_dim=128)]),
+    "mmfl-local256": ("mmfl", ["model.branches=" + _MMFL_BRANCHES.format(local_source="fused", local_dim=256)]),
 }
-#: The preset comparison; every other trained variant is a loss ablation of ``mmfl``.
+DESIGN_VARIANTS = ("mmfl-neck128", "mmfl-fuse45", "mmfl-local-bb", "mmfl-local256")
+#: The preset comparison; every other trained variant is a loss ablation or design variant of ``mmfl``.
 PRESET_VARIANTS = ("global", "mgn", "mmfl")
 METRICS = ("top1", "top5", "top10", "top20", "mAP")
+#: Paired comparisons (a, b): is ``a`` better than ``b``? Reported when both share >= 2 seeds.
+COMPARISONS: tuple[tuple[str, str], ...] = (
+    ("mmfl", "mgn"), ("mmfl", "global"), ("mgn", "global"), ("mmfl+frozen-bn", "mmfl"),
+    ("+batch-hard", "id-only"), ("+improved", "+batch-hard"), ("+center", "+improved"), ("+attributes", "+center"),
+    *((v, "mmfl") for v in DESIGN_VARIANTS),
+)
+#: Metrics the paired comparisons test.
+PAIRED_METRICS = ("top1", "mAP")
 
 #: Budgets per device, stated in the results. CPU: sized for about an hour on an idle 2-core
 #: machine. Measured there (contended, so rough): training costs ~0.08 CPU-s/image for global
@@ -95,9 +128,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--freeze-stages", type=int, help="backbone stages kept frozen")
     p.add_argument("--seeds", help="comma-separated training seeds")
     p.add_argument("--ablation-seeds", help="seeds of the loss ablations (id-only ... +attributes); default: --seeds")
-    p.add_argument("--variants", help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    p.add_argument("--variants", help=f"comma-separated, from: {', '.join(VARIANTS)} "
+                                      f"(default: all but the design variants)")
     p.add_argument("--views", type=int, default=3, help="consumer views per item")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the rendered views and of the item subset")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="standard",
+                   help="consumer views: standard (mmfl.data.realphoto) or hard (mmfl.data.realphoto_hard)")
+    p.add_argument("--distractors", type=int,
+                   help="extra gallery shop photos of training items outside --items, reported beside the "
+                        "plain gallery (default: 2000 with --protocol hard, else 0)")
     p.add_argument("--pretrained", default="imagenet", help="backbone weights: imagenet | none | file")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--smoke", action="store_true", help="tiny run: 20 items, 64 px, 1 epoch, 1 seed, 2 variants")
@@ -123,13 +162,20 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("items", "val_items", "size", "epochs", "freeze_stages", "seeds", "ablation_seeds", "variants"):
         if getattr(args, key) is not None:
             prof[key] = getattr(args, key)
-    variants = [v for v in str(prof.get("variants") or ",".join(VARIANTS)).split(",") if v]
+    default_variants = ",".join(v for v in VARIANTS if v not in DESIGN_VARIANTS)
+    variants = [v for v in str(prof.get("variants") or default_variants).split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise MMFLError(f"--variants: unknown variant '{unknown[0]}' (choose from {', '.join(VARIANTS)})")
     seeds = _seed_list(prof["seeds"], "--seeds")
     ablation_seeds = _seed_list(prof.get("ablation_seeds") or prof["seeds"], "--ablation-seeds")
     defaults = load_config("global").train
+    distractors = args.distractors if args.distractors is not None else (2000 if args.protocol == "hard" else 0)
+    if distractors < 0:
+        raise MMFLError(f"--distractors: {distractors} must be 0 or more")
+    gallery = "the clean photos of the same split"
+    if distractors:
+        gallery += f"; also with {distractors} distractor shop photos of training items outside the subset"
     return {
         **prof,
         "variants": variants,
@@ -139,12 +185,14 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
         "render_size": min(384, 2 * prof["size"]),
         "views": args.views,
         "data_seed": args.data_seed,
+        "protocol": args.protocol,
+        "distractors": distractors,
         "backbone": "mobilenet_v2",
         "pretrained": args.pretrained,
         "optimizer": f"{defaults.optimizer} lr {defaults.lr:g}, {defaults.schedule} schedule, "
                      f"weight decay {defaults.weight_decay:g}",
         "batch": "P items x K images (batch_items x images_per_item)",
-        "evaluation": "split val: queries = consumer views, gallery = clean photos of the same split",
+        "evaluation": f"split val: queries = consumer views, gallery = {gallery}",
     }
 
 
@@ -169,10 +217,10 @@ def run_trained(variant: str, seed: int, s: dict[str, Any], data_root: Path, wor
     from mmfl.train import train
 
     preset, extra = VARIANTS[variant]
-    out = work / "runs" / f"{variant.lstrip('+')}-s{seed}"
+    out = work / _runs_dir(s) / f"{variant.lstrip('+')}-s{seed}"
     cfg = load_config(preset, base_overrides(s, data_root, out, seed) + extra)
     resolved = config_to_dict(cfg)
-    cached = _cached_row(out, resolved)
+    cached = _cached_row(out, resolved, s["distractors"])
     if cached is not None:
         _log(f"[{variant} seed {seed}] reusing the finished run in {out}")
         return cached
@@ -184,32 +232,82 @@ def run_trained(variant: str, seed: int, s: dict[str, Any], data_root: Path, wor
     train_s = time.perf_counter() - t0
     model = load_model(result.last_checkpoint, device=s["device"])
     t1 = time.perf_counter()
-    metrics = run_evaluation(model, catalog, split="val", size=s["size"], device=s["device"],
-                             num_workers=s["num_workers"], progress=progress).metrics
+    scores = evaluate(model, catalog, s, progress)
     epochs = [h for h in result.history if h.get("kind") == "epoch"]
     row = {
-        "variant": variant, "seed": seed, **_scores(metrics),
+        "variant": variant, "seed": seed, **scores,
         "train_minutes": round(train_s / 60, 3), "eval_minutes": round((time.perf_counter() - t1) / 60, 3),
         "epochs": result.epochs_run, "embed_dim": int(model.embed_dim),
         "train_images_per_s": round(sum(h["images_per_s"] for h in epochs) / max(1, len(epochs)), 1),
         "final_loss": round(float(epochs[-1]["loss"]), 4) if epochs else None,
         "overrides": extra,
     }
-    (out / "result.json").write_text(json.dumps({"config": resolved, "row": row}, indent=1) + "\n")
+    (out / "result.json").write_text(json.dumps({"config": resolved, "distractors": s["distractors"], "row": row},
+                                                indent=1) + "\n")
     return row
 
 
-def run_imagenet_only(s: dict[str, Any], data_root: Path, catalog: Any, progress: bool) -> dict[str, Any]:
-    """Pooled last-stage ImageNet features: the floor every trained variant must beat."""
+def _runs_dir(s: dict[str, Any]) -> str:
+    """Run folders per protocol, so a hard run never replaces a standard one of the same name."""
+    return "runs" if s["protocol"] == "standard" else f"runs-{s['protocol']}"
+
+
+def evaluate(model: Any, catalog: Any, s: dict[str, Any], progress: bool) -> dict[str, Any]:
+    """Scores on the validation gallery and, with distractors, also on the gallery they widen.
+
+    The top-level scores are always the plain gallery's (comparable with the runs without
+    distractors); ``distractors`` holds the catalogue-sized gallery's. Both come from one
+    embedding pass: the plain ranking re-ranks the same query and gallery features.
+    """
+    from mmfl.evaluate import run_evaluation
+
+    if not s["distractors"]:
+        return _scores(run_evaluation(model, catalog, split="val", size=s["size"], device=s["device"],
+                                      num_workers=s["num_workers"], progress=progress).metrics)
+    wide = run_evaluation(model, catalog, split="val", gallery_splits=["val", DISTRACTOR_SPLIT], size=s["size"],
+                          device=s["device"], num_workers=s["num_workers"], progress=progress)
+    return {**_scores(_plain_metrics(wide)), "distractors": _scores(wide.metrics)}
+
+
+def _plain_metrics(wide: Any) -> dict[str, Any]:
+    """The metrics of ``wide`` (an Evaluation) with the distractor shop images left out of the gallery."""
+    import numpy as np
+
+    from mmfl.metrics import KS, rank_queries, summarize as summarize_ranks
+
+    keep = [i for i, r in enumerate(wide.gallery) if r.split != DISTRACTOR_SPLIT]
+    gallery = wide.gallery_features.embeddings[keep]
+    ranks = rank_queries(wide.query_features.embeddings @ gallery.T, [r.item_id for r in wide.queries],
+                         [wide.gallery[i].item_id for i in keep])
+    metrics = summarize_ranks(ranks, KS)
+    cats = np.array([r.category or "" for r in wide.queries])
+    if "per_category" in wide.metrics:
+        metrics["per_category"] = {c: summarize_ranks(ranks, KS, mask=cats == c) for c in wide.metrics["per_category"]}
+    return metrics
+
+
+def run_imagenet_only(s: dict[str, Any], data_root: Path, work: Path, catalog: Any,
+                      progress: bool) -> dict[str, Any]:
+    """Pooled last-stage ImageNet features: the floor every trained variant must beat.
+
+    Deterministic, so its row is stored like a trained run's and reused by a later invocation
+    on the same data (a resumed or growing benchmark would otherwise re-embed every image).
+    """
     import torch
     import torch.nn.functional as F
 
-    from mmfl.evaluate import run_evaluation
+    from mmfl.config import config_to_dict
     from mmfl.models import build_model
 
     # last_stride=2: the backbone exactly as ImageNet trained it.
     cfg = load_config("global", [f"model.pretrained={s['pretrained']}", "model.backbone=mobilenet_v2",
-                                 "model.last_stride=2", f"input.size={s['size']}"])
+                                 "model.last_stride=2", f"input.size={s['size']}", f"data.root={data_root}"])
+    out = work / _runs_dir(s) / "imagenet-only"
+    resolved = config_to_dict(cfg)
+    cached = _cached_row(out, resolved, s["distractors"])
+    if cached is not None:
+        _log(f"[imagenet-only] reusing the finished evaluation in {out}")
+        return cached
     net = build_model(cfg, num_items=1, num_attributes=0)
 
     class PooledBackbone(torch.nn.Module):
@@ -226,11 +324,14 @@ def run_imagenet_only(s: dict[str, Any], data_root: Path, catalog: Any, progress
 
     model = PooledBackbone().to(s["device"]).eval()
     t0 = time.perf_counter()
-    metrics = run_evaluation(model, catalog, split="val", size=s["size"], device=s["device"],
-                             num_workers=s["num_workers"], progress=progress).metrics
-    return {"variant": "imagenet-only", "seed": None, **_scores(metrics), "train_minutes": 0.0,
-            "eval_minutes": round((time.perf_counter() - t0) / 60, 3), "epochs": 0, "embed_dim": model.embed_dim,
-            "overrides": []}
+    scores = evaluate(model, catalog, s, progress)
+    row = {"variant": "imagenet-only", "seed": None, **scores, "train_minutes": 0.0,
+           "eval_minutes": round((time.perf_counter() - t0) / 60, 3), "epochs": 0, "embed_dim": model.embed_dim,
+           "overrides": []}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "result.json", json.dumps({"config": resolved, "distractors": s["distractors"],
+                                                       "row": row}, indent=1) + "\n")
+    return row
 
 
 def _scores(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -241,7 +342,8 @@ def _scores(metrics: dict[str, Any]) -> dict[str, Any]:
     return keep
 
 
-def _cached_row(out: Path, resolved: dict[str, Any]) -> dict[str, Any] | None:
+def _cached_row(out: Path, resolved: dict[str, Any], distractors: int) -> dict[str, Any] | None:
+    """A finished run's row, if it was trained with ``resolved`` and scored with ``distractors``."""
     path = out / "result.json"
     if not path.is_file():
         return None
@@ -249,32 +351,98 @@ def _cached_row(out: Path, resolved: dict[str, Any]) -> dict[str, Any] | None:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return saved["row"] if saved.get("config") == resolved else None
+    if saved.get("config") != resolved or saved.get("distractors", 0) != distractors:
+        return None
+    return saved["row"]
 
 
 def summarize(rows: list[dict[str, Any]], variants: list[str]) -> dict[str, dict[str, Any]]:
-    """Per variant: mean and spread (half the max-min range) over seeds of each metric."""
+    """Per variant: mean, sample sd and spread (half the max-min range) over seeds of each metric.
+
+    With distractors, ``distractors`` holds the same for the catalogue-sized gallery.
+    """
     out: dict[str, dict[str, Any]] = {}
     for v in variants:
         mine = [r for r in rows if r["variant"] == v]
         if not mine:
             continue
-        entry: dict[str, Any] = {"seeds": len(mine)}
-        for k in (*METRICS, "train_minutes"):
-            vals = [float(r[k]) for r in mine]
-            entry[k] = {"mean": round(sum(vals) / len(vals), 4), "spread": round((max(vals) - min(vals)) / 2, 4)}
+        entry: dict[str, Any] = {"seeds": len(mine), **_stats_of(mine, (*METRICS, "train_minutes"))}
+        if all("distractors" in r for r in mine):
+            entry["distractors"] = {"num_gallery": mine[0]["distractors"]["num_gallery"],
+                                    **_stats_of([r["distractors"] for r in mine], METRICS)}
         out[v] = entry
     return out
 
 
+def _stats_of(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    out = {}
+    for k in keys:
+        vals = [float(r[k]) for r in rows]
+        mean = sum(vals) / len(vals)
+        sd = (sum((x - mean) ** 2 for x in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+        out[k] = {"mean": round(mean, 4), "sd": round(sd, 4), "spread": round((max(vals) - min(vals)) / 2, 4)}
+    return out
+
+
+def compare(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Paired t tests of every ``COMPARISONS`` pair over the seeds both sides ran (at least 2).
+
+    Differences are in percentage points; ``gallery`` is ``plain`` (validation photos) or
+    ``distractors`` (the catalogue-sized gallery). A pair whose two variants trained the very
+    same configuration (``same_as``) is skipped: their difference is zero by construction.
+    """
+    by_variant: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in rows:
+        if r["seed"] is not None:
+            by_variant.setdefault(r["variant"], {})[r["seed"]] = r
+    out = []
+    for a, b in COMPARISONS:
+        ra, rb = by_variant.get(a, {}), by_variant.get(b, {})
+        seeds = sorted(set(ra) & set(rb))
+        if len(seeds) < 2 or any(ra[x].get("same_as") == b or rb[x].get("same_as") == a for x in seeds):
+            continue
+        galleries = ["plain"] + (["distractors"] if all("distractors" in ra[x] and "distractors" in rb[x]
+                                                         for x in seeds) else [])
+        for gallery in galleries:
+            for metric in PAIRED_METRICS:
+                def value(r: dict[str, Any]) -> float:
+                    return 100 * float((r if gallery == "plain" else r["distractors"])[metric])
+
+                result = paired_t([value(ra[x]) for x in seeds], [value(rb[x]) for x in seeds])
+                out.append({"a": a, "b": b, "gallery": gallery, "metric": metric, "seeds": seeds,
+                            **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.to_dict().items()}})
+    return out
+
+
 def table(summary: dict[str, dict[str, Any]]) -> str:
-    """A Markdown table: percentages, mean ± spread over seeds."""
-    head = "| variant | seeds | top-1 | top-5 | top-10 | top-20 | mAP | train min |"
-    lines = [head, "|" + "---|" * 8]
+    """A Markdown table: percentages, mean ± sd over seeds (and the distractor gallery's top-1 / mAP)."""
+    wide = any("distractors" in e for e in summary.values())
+    head = "| variant | seeds | top-1 | top-5 | top-10 | top-20 | mAP |"
+    if wide:
+        n = next(e["distractors"]["num_gallery"] for e in summary.values() if "distractors" in e)
+        head += f" top-1, {n} gallery | mAP, {n} gallery |"
+    head += " train min |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for v, e in summary.items():
-        cells = [f"{100 * e[k]['mean']:.1f} ± {100 * e[k]['spread']:.1f}" for k in METRICS]
-        tm = e["train_minutes"]
-        lines.append(f"| {v} | {e['seeds']} | " + " | ".join(cells) + f" | {tm['mean']:.1f} |")
+        cells = [_cell(e[k]) for k in METRICS]
+        if wide:
+            cells += [_cell(e["distractors"][k]) if "distractors" in e else "" for k in ("top1", "mAP")]
+        lines.append(f"| {v} | {e['seeds']} | " + " | ".join(cells) + f" | {e['train_minutes']['mean']:.1f} |")
+    return "\n".join(lines)
+
+
+def _cell(stat: dict[str, float]) -> str:
+    return f"{100 * stat['mean']:.1f} ± {100 * stat['sd']:.1f}"
+
+
+def comparison_table(comparisons: list[dict[str, Any]]) -> str:
+    """A Markdown table of the paired tests; p < 0.05 in bold, the rest marked 'n.s.'."""
+    lines = ["| a vs b | gallery | metric | n | mean diff (pts) | sd | wins | t | p | |", "|" + "---|" * 10]
+    for c in comparisons:
+        mark = "**p < 0.05**" if c["significant"] else "n.s."
+        p = f"**{c['p']:.3g}**" if c["significant"] else f"{c['p']:.3g}"
+        lines.append(f"| {c['a']} vs {c['b']} | {c['gallery']} | {c['metric']} | {c['n']} | {c['mean_diff']:+.2f} "
+                     f"| {c['sd_diff']:.2f} | {c['wins']}/{c['n']} | {c['t']:.2f} | {p} | {mark} |")
     return "\n".join(lines)
 
 
@@ -328,10 +496,15 @@ def _run(args: argparse.Namespace, s: dict[str, Any], src: Path, work: Path, jso
     progress = not args.quiet
     tag = (f"data-{s['render_size']}px-n{s['items'] or 'all'}-{s['val_items'] or 'all'}"
            f"-v{s['views']}-s{s['data_seed']}")
+    if s["protocol"] != "standard":
+        tag += f"-{s['protocol']}"
+    if s["distractors"]:
+        tag += f"-d{s['distractors']}"
     t0 = time.perf_counter()
     caps = {"train": s["items"], "validation": s["val_items"]}
     csv_path = build_realphoto(src, work / tag, views=s["views"], seed=s["data_seed"], size=s["render_size"],
-                               max_items=caps, workers=max(1, min(8, os.cpu_count() or 1)))
+                               max_items=caps, workers=max(1, min(8, os.cpu_count() or 1)),
+                               protocol=s["protocol"], distractors=s["distractors"])
     data_root = csv_path.parent
     catalog = read_dataset(data_root, "csv")
     _log(f"data: {data_root} ({time.perf_counter() - t0:.0f} s)\n{catalog.summary()}")
@@ -341,7 +514,7 @@ def _run(args: argparse.Namespace, s: dict[str, Any], src: Path, work: Path, jso
     started = time.perf_counter()
     for variant in s["variants"]:
         if VARIANTS[variant][0] is None:
-            rows.append(run_imagenet_only(s, data_root, catalog, progress))
+            rows.append(run_imagenet_only(s, data_root, work, catalog, progress))
         else:
             key = json.dumps(_effective(s, variant, data_root, bool(catalog.attribute_names)), sort_keys=True)
             if key in done:
@@ -352,8 +525,12 @@ def _run(args: argparse.Namespace, s: dict[str, Any], src: Path, work: Path, jso
                 seeds = s["seeds"] if variant in PRESET_VARIANTS else s["ablation_seeds"]
                 rows += [run_trained(variant, seed, s, data_root, work, catalog, progress) for seed in seeds]
         summary = summarize(rows, s["variants"])
-        _write(json_path, rows, s, summary, args, time.perf_counter() - started)
+        comparisons = compare(rows)
+        _write(json_path, rows, s, summary, comparisons, args, time.perf_counter() - started)
     print(table(summary))
+    if comparisons:
+        print()
+        print(comparison_table(comparisons))
     print(f"wrote {json_path}")
     return 0
 
@@ -372,18 +549,23 @@ def _effective(s: dict[str, Any], variant: str, data_root: Path, has_attributes:
 
 
 def _write(path: Path, rows: list[dict[str, Any]], s: dict[str, Any], summary: dict[str, Any],
-           args: argparse.Namespace, seconds: float) -> None:
+           comparisons: list[dict[str, Any]], args: argparse.Namespace, seconds: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "rows": rows,
         "summary": summary,
+        "comparisons": comparisons,
         "settings": {**s, "command": " ".join(["python bench/realphoto.py", *args.argv]),
-                     "spread": "half the max-min range over seeds", "total_minutes": round(seconds / 60, 1)},
+                     "spread": "half the max-min range over seeds; sd: sample standard deviation over seeds",
+                     "comparisons": "paired t test over shared seeds of a - b, in percentage points, two-sided p; "
+                                    "significant = p < 0.05",
+                     "total_minutes": round(seconds / 60, 1)},
         "machine": machine(s["device"]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "measures": "instance retrieval on real photos (clothing-small validation split) with synthetic "
-                    "consumer-style views as queries and the clean photos as gallery; not the real "
-                    "consumer-to-shop gap",
+        "measures": f"instance retrieval on real photos (clothing-small validation split) with synthetic "
+                    f"consumer-style views ({s['protocol']} protocol) as queries and the clean photos as gallery"
+                    + (f" (also with {s['distractors']} distractor shop photos)" if s["distractors"] else "")
+                    + "; not the real consumer-to-shop gap",
     }
     atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
 

@@ -24,6 +24,17 @@ item's views. This measures instance-level retrieval on real photographs under s
 consumer-style changes, **not** the true consumer-to-shop gap (real street photos differ in pose,
 wear, lighting and the garment's shape on a body).
 
+``protocol="hard"`` renders the queries with :func:`mmfl.data.realphoto_hard.hard_view`
+instead (non-rigid warp, partial views, strong lighting, low resolution, motion blur, heavier
+occlusion; listed in that module), from its own random stream, so ``standard`` views are
+unchanged by it.
+
+**Distractors.** ``distractors=N`` adds the shop images of N training photos that the
+``max_items["train"]`` subset leaves out (the next N in the same seeded order), as split
+``test``, shop domain only. They widen the gallery towards catalogue size
+(``gallery_splits=["val", "test"]``) and are never training items: the build checks that the
+two id sets are disjoint and raises otherwise.
+
 Only rendered views and resized copies are written, and only under ``out`` (never the repository).
 """
 from __future__ import annotations
@@ -34,7 +45,7 @@ import io
 import json
 import multiprocessing
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,8 +62,11 @@ SPLIT_NAMES = {"train": "train", "validation": "val"}
 CSV_HEADER = ["path", "item_id", "domain", "split", "x1", "y1", "x2", "y2", "category"]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DATASET_DIR = Path("data") / "clothing-small"
-#: Bumped whenever the rendering changes, so a cached build is never reused across versions.
-RENDER_VERSION = 1
+#: Per protocol, bumped whenever its rendering changes, so a cached build is never reused across versions.
+RENDER_VERSIONS = {"standard": 1, "hard": 1}
+PROTOCOLS = tuple(RENDER_VERSIONS)
+#: The split the distractor shop images are written under (never read by the trainer).
+DISTRACTOR_SPLIT = "test"
 
 
 def find_clothing_small(src: str | Path | None = None) -> Path | None:
@@ -88,6 +102,7 @@ class _ItemJob:
     seed: int
     size: int
     out: str
+    protocol: str = "standard"
 
 
 def build_realphoto(
@@ -99,15 +114,23 @@ def build_realphoto(
     max_items: int | Mapping[str, int | None] | None = None,
     splits: tuple[str, ...] = ("train", "validation"),
     workers: int = 1,
+    protocol: str = "standard",
+    distractors: int = 0,
 ) -> Path:
     """Render the benchmark into ``out`` and return ``out/dataset.csv`` (the ``csv`` format).
 
     ``max_items`` caps the items of each split (an int), or of the split folders a mapping names
     (``{"train": 300}`` keeps the whole validation split); the subset is a seeded hash order, so
-    it is spread over the classes and stable when the cap grows. A folder already built with the
-    same parameters is reused as it is (``build.json`` records them).
+    it is spread over the classes and stable when the cap grows. ``protocol`` picks the query
+    renderer (``standard`` or ``hard``); ``distractors`` adds that many shop-only photos of
+    unused training items (see the module docstring). A folder already built with the same
+    parameters is reused as it is (``build.json`` records them).
     """
     src, out = Path(src), Path(out)
+    if protocol not in RENDER_VERSIONS:
+        raise DataError(f"protocol: unknown protocol '{protocol}' (choose from {', '.join(PROTOCOLS)})")
+    if distractors < 0:
+        raise DataError(f"distractors: {distractors} must be 0 or more")
     if views < 1:
         raise DataError(f"views: {views} must be at least 1")
     if size < 32:
@@ -116,8 +139,9 @@ def build_realphoto(
     if unknown:
         raise DataError(f"splits: unknown split folder '{unknown[0]}' (allowed: {', '.join(SPLIT_NAMES)})")
     caps = dict(max_items) if isinstance(max_items, Mapping) else {folder: max_items for folder in splits}
-    params = {"render_version": RENDER_VERSION, "source": str(src.resolve()), "views": views, "seed": seed,
-              "size": size, "max_items": {f: caps.get(f) for f in splits}, "splits": list(splits)}
+    params = {"render_version": RENDER_VERSIONS[protocol], "protocol": protocol, "source": str(src.resolve()),
+              "views": views, "seed": seed, "size": size, "max_items": {f: caps.get(f) for f in splits},
+              "splits": list(splits), "distractors": distractors}
     csv_path, manifest = out / "dataset.csv", out / "build.json"
     if csv_path.is_file() and manifest.is_file():
         try:
@@ -127,10 +151,14 @@ def build_realphoto(
             pass
 
     jobs = [
-        _ItemJob(str(path), path.stem, category, SPLIT_NAMES[folder], views, seed, size, str(out))
+        _ItemJob(str(path), path.stem, category, SPLIT_NAMES[folder], views, seed, size, str(out), protocol)
         for folder in splits
         for path, category in _select(_list_photos(src, folder), caps.get(folder), seed)
     ]
+    if distractors:
+        jobs += [_ItemJob(str(path), path.stem, category, DISTRACTOR_SPLIT, 0, seed, size, str(out), protocol)
+                 for path, category in _distractor_photos(src, caps.get("train"), distractors, seed)]
+        check_no_leak(jobs)
     _check_unique(jobs)
     out.mkdir(parents=True, exist_ok=True)
     manifest.unlink(missing_ok=True)  # an interrupted rebuild must never pass for the old build
@@ -146,7 +174,8 @@ def build_realphoto(
     for rows in per_item:
         writer.writerows(rows)
     atomic_write_text(csv_path, table.getvalue())
-    counts = {SPLIT_NAMES[f]: sum(1 for j in jobs if j.split == SPLIT_NAMES[f]) for f in splits}
+    counts = {name: sum(1 for j in jobs if j.split == name)
+              for name in [SPLIT_NAMES[f] for f in splits] + ([DISTRACTOR_SPLIT] if distractors else [])}
     manifest.write_text(json.dumps({"params": params, "items": counts}, indent=2) + "\n", encoding="utf-8")
     return csv_path
 
@@ -167,15 +196,43 @@ def _list_photos(src: Path, folder: str) -> list[tuple[Path, str]]:
     return photos
 
 
+def _ranked(photos: list[tuple[Path, str]], seed: int) -> list[int]:
+    """Indices of ``photos`` in the seeded hash order that both the subset and the distractors follow."""
+    return sorted(range(len(photos)), key=lambda i: _digest(f"subset:{seed}:{photos[i][0].stem}"))
+
+
 def _select(photos: list[tuple[Path, str]], max_items: int | None, seed: int) -> list[tuple[Path, str]]:
     """The first ``max_items`` photos in seeded hash order, kept in listing order."""
     if max_items is None or max_items >= len(photos):
         return photos
     if max_items < 1:
         raise DataError(f"max_items: {max_items} must be at least 1")
-    ranked = sorted(range(len(photos)), key=lambda i: _digest(f"subset:{seed}:{photos[i][0].stem}"))
-    keep = set(ranked[:max_items])
+    keep = set(_ranked(photos, seed)[:max_items])
     return [p for i, p in enumerate(photos) if i in keep]
+
+
+def _distractor_photos(src: Path, train_cap: int | None, count: int, seed: int) -> list[tuple[Path, str]]:
+    """The ``count`` training photos right after the training subset in the seeded order (listing order).
+
+    Taking them from the same ranking is what keeps them out of the training set: the subset is
+    the ranking's first ``train_cap`` entries, the distractors the next ``count``.
+    """
+    photos = _list_photos(src, "train")
+    spare = len(photos) - (train_cap if train_cap is not None else len(photos))
+    if count > max(0, spare):
+        raise DataError(f"distractors: {count} asked for, but only {max(0, spare)} training photos are left out "
+                        f"of the {train_cap if train_cap is not None else 'full'} training subset "
+                        f"(lower --items or the distractor count)")
+    keep = set(_ranked(photos, seed)[train_cap:train_cap + count])
+    return [p for i, p in enumerate(photos) if i in keep]
+
+
+def check_no_leak(jobs: list[_ItemJob]) -> None:
+    """Raise if any distractor is also a training item (the gallery would hold a photo the model learned)."""
+    train = {job.stem for job in jobs if job.split == SPLIT_NAMES["train"]}
+    leaked = sorted(job.stem for job in jobs if job.split == DISTRACTOR_SPLIT and job.stem in train)
+    if leaked:
+        raise DataError(f"distractors: {len(leaked)} are training items (first: '{leaked[0]}')")
 
 
 def _check_unique(jobs: list[_ItemJob]) -> None:
@@ -190,9 +247,24 @@ def _digest(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
 
 
-def item_rng(seed: int, split: str, item_id: str) -> np.random.Generator:
-    """The random stream of one item: a function of (seed, split, item) only."""
-    return np.random.default_rng(_digest(f"realphoto:{seed}:{split}:{item_id}"))
+def item_rng(seed: int, split: str, item_id: str, protocol: str = "standard") -> np.random.Generator:
+    """The random stream of one item: a function of (seed, split, item, protocol) only.
+
+    The standard stream keeps its original key, so adding protocols never changed its views.
+    """
+    prefix = "realphoto" if protocol == "standard" else f"realphoto-{protocol}"
+    return np.random.default_rng(_digest(f"{prefix}:{seed}:{split}:{item_id}"))
+
+
+def view_renderer(protocol: str) -> Callable[[Image.Image, np.random.Generator, int], tuple[Image.Image, Box, int]]:
+    """The query renderer of a protocol: ``(photo, rng, size) -> (view, garment box, JPEG quality)``."""
+    if protocol == "standard":
+        return consumer_view
+    if protocol == "hard":
+        from mmfl.data.realphoto_hard import hard_view  # imports this module's helpers, so imported late
+
+        return hard_view
+    raise DataError(f"protocol: unknown protocol '{protocol}' (choose from {', '.join(PROTOCOLS)})")
 
 
 def _render_item(job: _ItemJob) -> list[list[str]]:
@@ -200,14 +272,15 @@ def _render_item(job: _ItemJob) -> list[list[str]]:
     photo = open_image(job.source)
     rel_dir = Path("images") / job.split / job.category
     (Path(job.out) / rel_dir).mkdir(parents=True, exist_ok=True)
-    rng = item_rng(job.seed, job.split, job.stem)
+    rng = item_rng(job.seed, job.split, job.stem, job.protocol)
+    render = view_renderer(job.protocol)
 
     shop = shop_image(photo, job.size)
     shop_rel = rel_dir / f"{job.stem}_shop.jpg"
     shop.save(Path(job.out) / shop_rel, quality=95)
     rows = [[shop_rel.as_posix(), job.stem, "shop", job.split, 0, 0, shop.width, shop.height, job.category]]
     for k in range(1, job.views + 1):
-        view, box, quality = consumer_view(photo, rng, job.size)
+        view, box, quality = render(photo, rng, job.size)
         view_rel = rel_dir / f"{job.stem}_v{k}.jpg"
         view.save(Path(job.out) / view_rel, quality=quality)
         rows.append([view_rel.as_posix(), job.stem, "consumer", job.split, *box, job.category])
@@ -239,19 +312,8 @@ def consumer_view(photo: Image.Image, rng: np.random.Generator, size: int) -> tu
     # Perspective then rotation, carried by the alpha channel (transparent outside the photo).
     garment = _perspective(garment, rng, 0.12)
     garment = garment.rotate(float(rng.uniform(-20, 20)), resample=Image.BICUBIC, expand=True)
-    if max(garment.size) > size:
-        fit = size / max(garment.size)
-        garment = garment.resize((max(8, int(garment.width * fit)), max(8, int(garment.height * fit))), Image.BICUBIC)
-    alpha = garment.getchannel("A")
-    solid = alpha.point(lambda a: 255 if a > 127 else 0)
-    garment.putalpha(alpha.filter(ImageFilter.GaussianBlur(0.8)))
-
     # Background composite at a random place.
-    ox = int(rng.integers(0, size - garment.width + 1))
-    oy = int(rng.integers(0, size - garment.height + 1))
-    canvas.paste(garment, (ox, oy), garment)
-    bx1, by1, bx2, by2 = solid.getbbox() or (0, 0, garment.width, garment.height)
-    box = (ox + bx1, oy + by1, min(size, ox + bx2), min(size, oy + by2))
+    box = paste_garment(canvas, garment, rng)
 
     if rng.random() < 0.6:
         _occlude(canvas, box, rng)
@@ -260,6 +322,23 @@ def consumer_view(photo: Image.Image, rng: np.random.Generator, size: int) -> tu
         canvas = canvas.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.5)) * size / 256))
     canvas = _add_noise(canvas, rng, float(rng.uniform(0.0, 6.0)))
     return canvas, box, int(rng.integers(60, 93))
+
+
+def paste_garment(canvas: Image.Image, garment: Image.Image, rng: np.random.Generator) -> Box:
+    """Paste the RGBA ``garment`` (shrunk to fit the square ``canvas``, edges feathered) at a random place;
+    returns the box of its opaque part, clipped to the canvas: the garment's box a detector would give."""
+    size = canvas.width
+    if max(garment.size) > size:
+        fit = size / max(garment.size)
+        garment = garment.resize((max(8, int(garment.width * fit)), max(8, int(garment.height * fit))), Image.BICUBIC)
+    alpha = garment.getchannel("A")
+    solid = alpha.point(lambda a: 255 if a > 127 else 0)
+    garment.putalpha(alpha.filter(ImageFilter.GaussianBlur(0.8)))
+    ox = int(rng.integers(0, size - garment.width + 1))
+    oy = int(rng.integers(0, size - garment.height + 1))
+    canvas.paste(garment, (ox, oy), garment)
+    bx1, by1, bx2, by2 = solid.getbbox() or (0, 0, garment.width, garment.height)
+    return (ox + bx1, oy + by1, min(size, ox + bx2), min(size, oy + by2))
 
 
 def clutter_background(rng: np.random.Generator, size: int) -> Image.Image:
