@@ -369,11 +369,15 @@ def test_training_with_gpu_decode_on_cuda(synth_root: Path, tmp_path: Path) -> N
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback is taken only without CUDA")
 def test_eval_and_index_take_decode_gpu_and_fall_back_with_one_notice(synth_root: Path, tmp_path: Path,
-                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+                                                                      capsys: pytest.CaptureFixture[str],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """``mmfl eval/index --decode gpu`` reach the device path's chooser: without CUDA one notice and the
     CPU path's exact results."""
     from mmfl.cli import main
+    from mmfl.data import gpu_decode
     from mmfl.train import train
+
+    monkeypatch.setattr(gpu_decode, "_noticed", set())  # the notice is once per process: as if this were a new one
 
     checkpoint = train(load_config("global", [f"data.root={synth_root}", f"output_dir={tmp_path / 'run'}", *TINY,
                                               "train.epochs=0"]), progress=False).last_checkpoint
