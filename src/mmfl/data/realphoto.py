@@ -387,12 +387,13 @@ def _perspective(img: Image.Image, rng: np.random.Generator, strength: float) ->
     return img.transform((max(8, out_w), max(8, out_h)), Image.PERSPECTIVE, tuple(coeffs), Image.BICUBIC)
 
 
-def _occlude(canvas: Image.Image, box: Box, rng: np.random.Generator) -> None:
-    """Draw an opaque blob covering 8-25 % of the box, centred inside the box."""
+def _occlude(canvas: Image.Image, box: Box, rng: np.random.Generator,
+             area_share: tuple[float, float] = (0.08, 0.25), aspect_range: tuple[float, float] = (0.5, 2.0)) -> None:
+    """Draw an opaque ellipse or rectangle covering ``area_share`` of the box (8-25 % by default), centred inside it."""
     x1, y1, x2, y2 = box
     bw, bh = x2 - x1, y2 - y1
-    area = rng.uniform(0.08, 0.25) * bw * bh
-    aspect = rng.uniform(0.5, 2.0)
+    area = rng.uniform(*area_share) * bw * bh
+    aspect = rng.uniform(*aspect_range)
     ow, oh = np.sqrt(area * aspect), np.sqrt(area / aspect)
     cx, cy = rng.uniform(x1, x2), rng.uniform(y1, y2)
     shape = (cx - ow / 2, cy - oh / 2, cx + ow / 2, cy + oh / 2)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from mmfl.data.realphoto import _add_noise, _perspective, clutter_background, paste_garment
+from mmfl.data.realphoto import _add_noise, _occlude, _perspective, clutter_background, paste_garment
 from mmfl.data.records import Box
 
 #: Mesh cells per side of the non-rigid warp: enough for 2-cycle folds to look smooth.
@@ -67,7 +67,7 @@ def hard_view(photo: Image.Image, rng: np.random.Generator, size: int) -> tuple[
 
     if rng.random() < 0.85:
         for _ in range(int(rng.integers(1, 4))):
-            _occluder(canvas, box, rng)
+            _occlude(canvas, box, rng, (0.08, 0.2), (0.4, 2.5))
     if rng.random() < 0.6:
         canvas = _shadow(canvas, box, rng)
     canvas = _lighting(canvas, rng)
@@ -123,22 +123,6 @@ def _drape(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     arr = np.asarray(warped, dtype=np.float32).copy()
     arr[..., :3] *= np.clip(1.0 + 0.5 * div, 0.6, 1.3)[..., None]
     return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "RGBA")
-
-
-def _occluder(canvas: Image.Image, box: Box, rng: np.random.Generator) -> None:
-    """Draw an opaque blob covering 8-20 % of the box, centred inside the box."""
-    x1, y1, x2, y2 = box
-    area = rng.uniform(0.08, 0.2) * (x2 - x1) * (y2 - y1)
-    aspect = rng.uniform(0.4, 2.5)
-    ow, oh = np.sqrt(area * aspect), np.sqrt(area / aspect)
-    cx, cy = rng.uniform(x1, x2), rng.uniform(y1, y2)
-    shape = (cx - ow / 2, cy - oh / 2, cx + ow / 2, cy + oh / 2)
-    colour = tuple(int(v) for v in rng.integers(0, 256, size=3))
-    draw = ImageDraw.Draw(canvas)
-    if rng.random() < 0.5:
-        draw.ellipse(shape, fill=colour)
-    else:
-        draw.rectangle(shape, fill=colour)
 
 
 def _shadow(canvas: Image.Image, box: Box, rng: np.random.Generator) -> Image.Image:
