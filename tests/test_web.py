@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from box_helpers import boxed_index
 from search_helpers import make_served_index, start_server, stop_server
 
 CHROMIUM = "/usr/bin/chromium"
@@ -141,4 +142,54 @@ def test_page_fits_a_phone_and_explains_box_and_score(browser, site, tmp_path: P
     score = tab.locator(".card .score").first
     assert score.bounding_box()["width"] > 0 and "cosine similarity" in score.get_attribute("title")
     tab.screenshot(path=str(tmp_path / "page-phone.png"), full_page=True)
+    assert errors == [] and outside == []
+
+
+@pytest.fixture(scope="module")
+def boxed_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """A server over an index whose checkpoint has a box head, and a consumer photo of an indexed item."""
+    built = boxed_index(tmp_path_factory)
+    proc, base = start_server(built.index, built.root / "web-server.log")
+    try:
+        yield base, built.consumer_photos()[0]
+    finally:
+        stop_server(proc)
+
+
+def test_detected_boxes_are_drawn_and_a_click_searches_that_garment(browser, boxed_site) -> None:
+    """Upload: the page draws the detected garments (the best one searched); a click inside another box
+    searches that box, and the cards are its results."""
+    base, photo = boxed_site
+    tab, errors, outside = open_tab(browser, base + "/", viewport={"width": 1100, "height": 720})
+    with tab.expect_response(lambda r: r.url.endswith("/search")) as first:
+        tab.set_input_files("#file", str(photo))
+    answer = first.value.json()
+    detections = answer["query"]["detections"]
+    assert answer["query"]["box_source"] == "predicted" and detections
+    tab.wait_for_function(f"() => document.querySelector('#preview').dataset.detections === '{len(detections)}'")
+    tab.wait_for_selector(".card")
+    assert f"({answer['query']['box_reason']})" in tab.inner_text("#query")
+    assert tab.locator("#garments button.garment").count() == len(detections)
+    scale = tab.evaluate("() => document.querySelector('#preview').width") / answer["query"]["width"]
+    x1, y1 = detections[-1]["box"][:2]  # drawn last: its numbered label is on top
+    label_pixel = tab.evaluate(f"() => [...document.querySelector('#preview').getContext('2d')"
+                               f".getImageData({x1 * scale + 2:.0f}, {y1 * scale + 13:.0f}, 1, 1).data]")
+    assert label_pixel == [37, 99, 235, 255]
+
+    def area(d: dict) -> int:
+        return (d["box"][2] - d["box"][0]) * (d["box"][3] - d["box"][1])
+
+    chosen = min(range(len(detections)), key=lambda i: area(detections[i]))  # a click at its centre picks it
+    bx1, by1, bx2, by2 = detections[chosen]["box"]
+    canvas = tab.locator("#preview").bounding_box()
+    css = canvas["width"] / answer["query"]["width"]
+    with tab.expect_response(lambda r: r.url.endswith("/search")) as second:
+        tab.mouse.click(canvas["x"] + (bx1 + bx2) / 2 * css, canvas["y"] + (by1 + by2) / 2 * css)
+    picked = second.value.json()
+    assert picked["query"]["bbox"] == detections[chosen]["box"] and picked["query"]["box_source"] == "user"
+    tab.wait_for_function(f"() => document.querySelector('#query').textContent.includes('garment {chosen + 1}, box:')")
+    shown = tab.locator(".card").evaluate_all("cards => cards.map(c => c.dataset.itemId)")
+    assert shown == [r["item_id"] for r in picked["results"]]
+    assert tab.locator("#garments button.garment").nth(chosen).get_attribute("aria-pressed") == "true"
+    assert tab.evaluate("() => document.querySelector('#preview').dataset.detections") == str(len(detections))
     assert errors == [] and outside == []

@@ -15,6 +15,8 @@ _API = {
     "build_model": ("mmfl.models", "build_model"),
     "load_model": ("mmfl.checkpoint", "load_model"),
     "read_dataset": ("mmfl.data.formats", "read_dataset"),
+    "Catalog": ("mmfl.catalog", "Catalog"),
+    "Retriever": ("mmfl.retriever", "Retriever"),
 }
 
 __all__ = ["__version__", *_API]

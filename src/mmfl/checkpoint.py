@@ -2,7 +2,8 @@
 
 A checkpoint is a plain dict saved with ``torch.save`` and read with ``weights_only=True``:
 ``format``/``version``, the resolved ``config``, the data-derived sizes (``num_items``,
-``num_attributes``, ``num_categories`` and their names), the model ``state_dict`` and, for
+``num_attributes``, ``num_categories`` and their names; ``box_category_names`` for a model with a
+box head, one per category channel, and the box stage's ``box_metrics``), the model ``state_dict`` and, for
 training checkpoints, ``train_state`` (optimizers, scheduler, scaler, sampler, RNG, epoch).
 """
 from __future__ import annotations
@@ -153,7 +154,8 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> to
     try:
         cfg = config_from_dict(ckpt["config"])
         cfg.model.pretrained = "none"  # the checkpoint holds the trained weights
-        model = build_model(cfg, ckpt["num_items"], ckpt["num_attributes"], ckpt.get("num_categories", 0))
+        model = build_model(cfg, ckpt["num_items"], ckpt["num_attributes"], ckpt.get("num_categories", 0),
+                            len(ckpt.get("box_category_names", [])))
         model.load_state_dict(ckpt["model"], strict=True)
     except (KeyError, RuntimeError, TypeError, ValueError) as exc:  # ValueError includes a bad stored config
         reason = str(exc).split("\n")[0][:200]
@@ -167,6 +169,9 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> to
         "attribute_thresholds": ckpt.get("attribute_thresholds"),
         "attribute_calibration": ckpt.get("attribute_calibration"),
         "attribute_groups": dict(ckpt.get("attribute_groups") or {}),
+        # the box head's category names (mmfl.localise) and what its stage measured; absent without one
+        "box_category_names": list(ckpt.get("box_category_names", [])),
+        "box_metrics": ckpt.get("box_metrics"),
         "checkpoint_sha256": file_sha256(checkpoint),
         "checkpoint": str(checkpoint),
     }

@@ -21,10 +21,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("evaluate", "evaluate a checkpoint: top-k accuracy, mAP, plots"),
     "index": ("index", "embed a shop gallery into a searchable index"),
     "search": ("search", "find the shop items matching a photo"),
+    "detect": ("detect", "find the garments (boxes, categories, scores) in whole photos"),
+    "embed": ("embed", "embed images (folder, list or dataset) to .npy or .parquet, resumably"),
     "serve": ("serve", "HTTP API and web page for visual search"),
     "export": ("export", "export a checkpoint to ONNX (parity-checked)"),
     "demo": ("demo", "run the whole pipeline on generated data"),
     "model-info": ("model_info", "parameters, GFLOPs and embedding size of a preset"),
+    "config": ("config_cmd", "show a resolved config with every key's help, or list the keys"),
 }
 
 

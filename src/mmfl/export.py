@@ -3,7 +3,7 @@
 The exported graph takes what the model takes: float images in [0, 1], NCHW, with a dynamic batch
 axis and a fixed square size; the model's own pixel normalisation is inside the graph. Outputs are
 ``embedding`` (L2-normalised) and, when the model has those heads, ``attribute_logits`` and
-``category_logits``.
+``category_logits``. A model with a box head also gets a box graph (:func:`export_box_onnx`).
 
 Why custom pooling symbolics: the TorchScript exporter writes adaptive pooling only when each
 output size divides the input size (one ONNX pool with a uniform window) and the input's size is
@@ -272,3 +272,138 @@ class OnnxEmbedder:
     def __call__(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
         """The embedding alone, like the PyTorch model in eval mode."""
         return self.predict(x).embedding
+
+
+#: The box graph of a model with a box head (mmfl.models.box_head), written beside the embedding graph.
+BOX_OUTPUT_NAMES = ("boxes", "scores", "categories", "category_scores")
+BOX_META_FORMAT = "mmfl-onnx-boxes"
+
+
+def box_graph_path(path: str | Path) -> Path:
+    """Where the box graph of embedding graph ``path`` goes: ``model.onnx`` -> ``model.boxes.onnx``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.boxes{path.suffix or '.onnx'}")
+
+
+class _DetectGraph(nn.Module):
+    """``model.detect`` as a tuple of tensors, ``max_boxes`` fixed in the graph."""
+
+    def __init__(self, model: nn.Module, max_boxes: int) -> None:
+        super().__init__()
+        self.model, self.max_boxes = model, max_boxes
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.model.detect(images, self.max_boxes))
+
+
+def export_box_onnx(model: nn.Module, path: str | Path, size: int, max_boxes: int, opset: int = 17) -> dict[str, Any]:
+    """Export ``model.detect`` (whole photos at ``size`` x ``size`` -> top ``max_boxes`` boxes in input
+    pixels, scores, categories, category probabilities; decoding included) and check parity.
+
+    Parity on random images at batch 1 and 3, over the boxes that are peaks (score > 0; the rest are
+    padding that every reader drops): boxes relative to ``size``, scores and category probabilities
+    as they are, categories must agree. Above ``PARITY_TOLERANCE`` an MMFLError; ``path`` untouched.
+    """
+    import onnx
+
+    if getattr(model, "box_head", None) is None:
+        raise MMFLError("export: the model has no box head (train with model.box_head=true)")
+    if size < MIN_SIZE:
+        raise MMFLError(f"box size: {size} is too small (use {MIN_SIZE} or more)")
+    path = Path(path)
+    model = copy.deepcopy(model).cpu().float().eval()
+    example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    meta = copy.deepcopy(getattr(model, "meta", {}) or {})
+    info = {"format": BOX_META_FORMAT, "version": 1, "size": size, "max_boxes": max_boxes,
+            "outputs": list(BOX_OUTPUT_NAMES), "config": meta.get("config") or {},
+            "box_category_names": list(meta.get("box_category_names") or []),
+            "checkpoint_sha256": meta.get("checkpoint_sha256", ""), "checkpoint": meta.get("checkpoint", "")}
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                _DetectGraph(model, max_boxes).eval(), (example,), str(tmp), dynamo=False, opset_version=opset,
+                input_names=[INPUT_NAME], output_names=list(BOX_OUTPUT_NAMES),
+                dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *BOX_OUTPUT_NAMES]},
+                do_constant_folding=True,
+            )
+        proto = onnx.load(str(tmp))
+        onnx.helper.set_model_props(proto, {META_KEY: json.dumps(info)})
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
+        report = check_box_parity(model, tmp, size, max_boxes)
+        report.update(path=str(path), size=size, opset=opset, outputs=list(BOX_OUTPUT_NAMES),
+                      bytes=tmp.stat().st_size)
+        worst = max(report["checked"].values())
+        if worst > PARITY_TOLERANCE:
+            raise MMFLError(f"{path}: ONNX Runtime boxes differ from PyTorch by {worst:.2e} (> {PARITY_TOLERANCE:g}); "
+                            f"per output: {report['checked']}; not written")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return report
+
+
+def check_box_parity(model: nn.Module, onnx_path: str | Path, size: int, max_boxes: int) -> dict[str, Any]:
+    """Max differences between the ONNX box graph and ``model.detect`` (see :func:`export_box_onnx`)."""
+    detector = OnnxBoxDetector(onnx_path)
+    checked: dict[str, float] = {}
+    gen = torch.Generator().manual_seed(1)
+    for batch in PARITY_BATCHES:
+        x = torch.rand(batch, 3, size, size, generator=gen)
+        with torch.inference_mode():
+            ref = model.detect(x, max_boxes)
+        got = detector.detect(x, max_boxes)
+        peaks = ref.scores > 0
+        diffs = {
+            "boxes": (ref.boxes - got.boxes).abs().amax(dim=2)[peaks] / size,
+            "scores": (ref.scores - got.scores).abs()[peaks],
+            "categories": (ref.categories != got.categories)[peaks].float(),
+            "category_scores": (ref.category_scores - got.category_scores).abs()[peaks],
+        }
+        for name, d in diffs.items():
+            checked[name] = max(checked.get(name, 0.0), float(d.max()) if d.numel() else 0.0)
+    return {"checked": checked, "batches": list(PARITY_BATCHES), "tolerance": PARITY_TOLERANCE}
+
+
+class OnnxBoxDetector:
+    """A box graph (:func:`export_box_onnx`) run by ONNX Runtime on CPU, usable where the PyTorch model's
+    :meth:`~mmfl.models.MMFLNet.detect` is (``mmfl.localise.detect`` takes either)."""
+
+    box_head = True  # what mmfl.localise.has_box_head looks for
+
+    def __init__(self, path: str | Path, threads: int = 0) -> None:
+        import onnx
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise MMFLError(f"{self.path}: ONNX file not found")
+        try:
+            proto = onnx.load(str(self.path), load_external_data=False)
+            info = json.loads({p.key: p.value for p in proto.metadata_props}[META_KEY])
+        except Exception:  # junk file, no metadata, bad JSON: all the same to the user
+            raise MMFLError(f"{self.path}: not a box graph written by 'mmfl export'") from None
+        if info.get("format") != BOX_META_FORMAT:
+            raise MMFLError(f"{self.path}: not a box graph written by 'mmfl export' (format {info.get('format')!r})")
+        self.size, self.max_boxes = int(info["size"]), int(info["max_boxes"])
+        self.meta = {"config": info["config"], "box_category_names": info["box_category_names"],
+                     "checkpoint_sha256": info["checkpoint_sha256"], "checkpoint": info["checkpoint"],
+                     "onnx": str(self.path)}
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+
+    def detect(self, x: np.ndarray | torch.Tensor, max_boxes: int | None = None) -> Any:
+        """(N, 3, size, size) float photos in [0, 1] -> BoxDetections of CPU tensors, at most the graph's k."""
+        from mmfl.models.box_head import BoxDetections
+
+        arr = x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
+        if arr.ndim != 4 or arr.shape[1] != 3 or arr.shape[2:] != (self.size, self.size):
+            raise MMFLError(f"{self.path}: expects photos of shape (N, 3, {self.size}, {self.size}), got {arr.shape}")
+        k = self.max_boxes if max_boxes is None else min(max_boxes, self.max_boxes)
+        values = self.session.run(list(BOX_OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(arr)})
+        return BoxDetections(*(torch.from_numpy(v)[:, :k] for v in values))

@@ -2,21 +2,26 @@
 
 Memory stays bounded by the batch: images are decoded by a DataLoader, embedded under
 ``torch.inference_mode`` (bf16 autocast on CUDA) and moved to the CPU batch by batch.
+
+Every embedding of a photo in mmfl goes through :func:`forward` (gallery extraction here,
+:class:`mmfl.Retriever`, searches and live adds in :mod:`mmfl.index.search` and :mod:`mmfl.catalog`),
+fed by :func:`mmfl.retriever.model_input` on the CPU path, so a photo gets one vector whichever
+command embeds it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from mmfl.data.dataset import EncodedRecordDataset, RecordDataset
+from mmfl.data.dataset import EncodedRecordDataset
 from mmfl.data.gpu_decode import collate_encoded, eval_images
 from mmfl.data.records import Record
-from mmfl.data.transforms import eval_transform
 from mmfl.progress import progress as make_progress
+from mmfl.retriever import InputDataset
 
 
 @dataclass
@@ -62,7 +67,8 @@ def extract_features(
     """
     device = torch.device(device)
     if decode_device is None:
-        dataset: Dataset = RecordDataset(records, eval_transform(size), min_size=size)
+        dataset: Any = InputDataset([r.path for r in records], [r.box for r in records], size,
+                                        [f"{r.path} ({r.source})" if r.source else r.path for r in records])
     else:
         dataset = EncodedRecordDataset(records, min_size=size)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -76,12 +82,12 @@ def extract_features(
         with torch.inference_mode():
             for batch in loader:
                 if decode_device is None:
-                    images = batch[0].to(device, non_blocking=True)
+                    images = batch.to(device, non_blocking=True)
                 else:
                     images = eval_images(batch, size, decode_device).to(device)
-                emb, attr, cat = _forward(model, images, predictions)
+                emb, attr, cat = forward(model, images, predictions)
                 if flip:
-                    emb_f, attr_f, cat_f = _forward(model, images.flip(-1), predictions)
+                    emb_f, attr_f, cat_f = forward(model, images.flip(-1), predictions)
                     emb = emb + emb_f
                     attr = None if attr is None else (attr + attr_f) / 2
                     cat = None if cat is None else (cat + cat_f) / 2
@@ -104,10 +110,15 @@ def extract_features(
     )
 
 
-def _forward(
-    model: torch.nn.Module, images: torch.Tensor, predictions: bool
+def forward(
+    model: Any, images: torch.Tensor, predictions: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(L2-normalised float32 embedding, attribute probs | None, category probs | None) of one batch."""
+    """(L2-normalised float32 embedding, attribute probs | None, category probs | None) of one batch.
+
+    ``model`` is a PyTorch model or an :class:`mmfl.export.OnnxEmbedder` (both have ``__call__`` and
+    ``predict``); the caller holds ``torch.inference_mode``. bf16 autocast on CUDA, float32 elsewhere,
+    for every caller alike, so a query is embedded at the gallery's precision.
+    """
     with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
         if not predictions:
             return F.normalize(model(images).float(), dim=1), None, None

@@ -2,7 +2,8 @@
 
 The graph takes float images in [0, 1] (N, 3, S, S) with a dynamic batch axis; the pixel
 normalisation is inside. The parity check against PyTorch is printed last; a difference above
-1e-3 is an error and leaves OUT.onnx untouched.
+1e-3 is an error and leaves OUT.onnx untouched. A checkpoint with a box head also gets OUT.boxes.onnx:
+whole photos (N, 3, B, B) at its ``box.size`` B in, decoded garment boxes out (parity-checked the same way).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
 def run(args: argparse.Namespace) -> int:
     from mmfl.checkpoint import load_model
     from mmfl.errors import MMFLError
-    from mmfl.export import MIN_SIZE, export_onnx
+    from mmfl.export import MIN_SIZE, box_graph_path, export_box_onnx, export_onnx
+    from mmfl.localise import box_settings, has_box_head
 
     if args.size is not None and args.size < MIN_SIZE:  # 0 must not quietly mean "the checkpoint's size"
         raise MMFLError(f"--size {args.size}: too small (use {MIN_SIZE} or more, or leave it out for the "
@@ -31,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.checkpoint, "cpu")
     size = args.size if args.size is not None else int(model.meta["config"]["input"]["size"])
     report = export_onnx(model, args.onnx, size, opset=args.opset)
+    if has_box_head(model):
+        box = box_settings(model)
+        report["boxes"] = export_box_onnx(model, box_graph_path(args.onnx), box["size"], box["max_boxes"], args.opset)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -39,4 +44,9 @@ def run(args: argparse.Namespace) -> int:
     diffs = ", ".join(f"{name} {diff:.2e}" for name, diff in report["checked"].items())
     print(f"parity vs PyTorch at batch {'/'.join(map(str, report['batches']))}: max abs diff {diffs} "
           f"(logits relative to their largest magnitude when above 1; limit {report['tolerance']:g}): ok")
+    if "boxes" in report:
+        b = report["boxes"]
+        diffs = ", ".join(f"{name} {diff:.2e}" for name, diff in b["checked"].items())
+        print(f"wrote {b['path']} (whole photos (batch, 3, {b['size']}, {b['size']}) in, outputs "
+              f"{', '.join(b['outputs'])}); parity: max diff {diffs} (boxes relative to the size): ok")
     return 0

@@ -1,4 +1,4 @@
-"""``mmfl index``: embed a dataset's shop images into a gallery index (FAISS folder or Milvus)."""
+"""``mmfl index``: embed a dataset's shop images into a gallery index (FAISS folder or Milvus), or remove items from one."""
 from __future__ import annotations
 
 import argparse
@@ -9,10 +9,11 @@ from mmfl.commands.common import add_extraction_args, add_progress_arg
 
 def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
     parser = subparsers.add_parser(name, help=help_text, description=help_text + ".")
-    parser.add_argument("checkpoint", help="trained checkpoint (.pt)")
-    parser.add_argument("--data", required=True, help="dataset root folder")
-    parser.add_argument("--format", required=True, dest="fmt",
-                        help="dataset format: deepfashion-c2s, inshop, street2shop, deepfashion2 or csv")
+    parser.add_argument("checkpoint", nargs="?", help="trained checkpoint (.pt); not needed with --remove")
+    parser.add_argument("--data", help="dataset root folder (required unless --remove)")
+    parser.add_argument("--format", dest="fmt",
+                        help="dataset format: deepfashion-c2s, inshop, street2shop, deepfashion2 or csv "
+                             "(required unless --remove)")
     parser.add_argument("--split", default="test", help="split whose shop images form the gallery (default: test)")
     parser.add_argument("--out", required=True, help="index folder (created, rebuilt, or extended with --add)")
     parser.add_argument("--backend", choices=("faiss", "milvus"), default=None,
@@ -23,6 +24,10 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
                         help="flat: exact (default); ivf/hnsw: approximate, for large catalogues")
     parser.add_argument("--add", action="store_true",
                         help="append to the existing index (same checkpoint); images already indexed are skipped")
+    parser.add_argument("--remove", metavar="IDS",
+                        help="remove these items (all their images) from the index in --out: comma-separated item "
+                             "ids, or @FILE with one id per line; an id not in the index is an error and nothing is "
+                             "removed. A running 'mmfl serve' of the index sees the change at its next search")
     parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images/annotations instead of failing")
     add_extraction_args(parser)
     add_progress_arg(parser)
@@ -30,6 +35,53 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
 
 
 def run(args: argparse.Namespace) -> int:
+    from mmfl.errors import MMFLError
+
+    if args.remove is not None:
+        extra = [flag for flag, given in (("CHECKPOINT", args.checkpoint), ("--data", args.data), ("--format", args.fmt),
+                                          ("--add", args.add)) if given]
+        if extra:
+            raise MMFLError(f"--remove: takes only --out INDEX, not {', '.join(extra)}")
+        return remove(args.out, parse_ids(args.remove))
+    missing = [flag for flag, given in (("CHECKPOINT", args.checkpoint), ("--data", args.data), ("--format", args.fmt))
+               if not given]
+    if missing:
+        raise MMFLError(f"mmfl index: {', '.join(missing)} required (or --remove IDS --out INDEX to remove items)")
+    return build(args)
+
+
+def parse_ids(text: str) -> list[str]:
+    """``a,b,c`` or ``@FILE`` (one id per line; blank lines and ``#`` comments skipped) -> item ids."""
+    from mmfl.errors import MMFLError
+
+    if text.startswith("@"):
+        path = text[1:]
+        try:
+            lines = open(path, encoding="utf-8").read().splitlines()
+        except FileNotFoundError:
+            raise MMFLError(f"--remove {text}: {path}: file not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise MMFLError(f"--remove {text}: {path}: unreadable ({exc})") from None
+        ids = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    else:
+        ids = [part.strip() for part in text.split(",") if part.strip()]
+    if not ids:
+        raise MMFLError(f"--remove {text!r}: no item ids given")
+    return ids
+
+
+def remove(index: str, ids: list[str]) -> int:
+    """``mmfl index --remove``: the same :meth:`mmfl.catalog.Catalog.remove` the service's DELETE /items calls."""
+    from mmfl.catalog import Catalog
+
+    with Catalog.open(index, with_model=False) as catalog:
+        before = len(catalog)
+        removed = catalog.remove(ids)
+        print(f"{index}: removed {removed} items ({before - len(catalog)} images); {len(catalog)} images left")
+    return 0
+
+
+def build(args: argparse.Namespace) -> int:
     from mmfl.checkpoint import load_model
     from mmfl.commands.common import decode_device_for, resolve_device
     from mmfl.data.formats import read_dataset

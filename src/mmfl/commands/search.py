@@ -1,4 +1,8 @@
-"""``mmfl search``: the shop items matching one photo, as a table or JSON."""
+"""``mmfl search``: the shop items matching one photo, as a table or JSON.
+
+The first line says which part of the photo was searched and why: the ``--bbox`` given, the
+predicted garment box (a checkpoint with a box head), or the whole photo.
+"""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +17,12 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     parser = subparsers.add_parser(name, help=help_text, description=help_text + ".")
     parser.add_argument("index", help="index folder made by 'mmfl index'")
     parser.add_argument("image", help="query photo")
-    parser.add_argument("--bbox", help="search inside this box of the photo: x1,y1,x2,y2 in pixels")
+    parser.add_argument("--bbox", help="search inside this box of the photo: x1,y1,x2,y2 in pixels "
+                                       "(default: the best predicted garment box when the checkpoint has a box head)")
+    parser.add_argument("--whole-image", action="store_true",
+                        help="search the whole photo, not the predicted garment box (a --bbox still wins)")
+    parser.add_argument("--min-score", type=float, metavar="S",
+                        help="least score of a predicted box (default: the checkpoint's box.min_score)")
     parser.add_argument("--top-k", type=int, default=20, help="number of items (default 20)")
     parser.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
                         help="category=NAME (any of several) or attribute=NAME (all of several); repeatable")
@@ -26,16 +35,14 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmfl.index.search import Searcher, parse_bbox
+    from mmfl.catalog import Catalog
+    from mmfl.index.search import parse_bbox
     from mmfl.index.store import parse_filters
 
     flt = parse_filters(args.filter)
     bbox = parse_bbox(args.bbox) if args.bbox else None
-    searcher = Searcher(args.index, args.checkpoint, args.device, args.onnx)
-    try:
-        answer = searcher.search_photo(args.image, k=args.top_k, bbox=bbox, flt=flt)
-    finally:
-        searcher.close()
+    with Catalog.open(args.index, args.checkpoint, args.device, args.onnx, min_score=args.min_score) as catalog:
+        answer = catalog.search(args.image, k=args.top_k, box=bbox, filter=flt, whole_image=args.whole_image)
     print(json.dumps(answer, indent=2, ensure_ascii=False) if args.json else format_table(answer))
     return 0
 
@@ -44,7 +51,8 @@ def format_table(answer: dict[str, Any]) -> str:
     """Rank, score, item, category, attributes (and whether the dataset's labels or the model's
     predictions), and image, one line per item, under a query summary."""
     q = answer["query"]
-    head = f"query {q['width']}x{q['height']}" + (f" box {','.join(map(str, q['bbox']))}" if q["bbox"] else "")
+    head = f"query {q['width']}x{q['height']}" + (f" box {','.join(map(str, q['bbox']))}" if q["bbox"] else " whole")
+    head += f" [{q['box_source']}: {q['box_reason']}]"
     if q["category"]:
         head += f", looks like {q['category']}"
     if q["filters"]:

@@ -22,14 +22,17 @@ from mmfl.index import faiss_store, milvus_store
 from mmfl.index.labels import ANNOTATED, PREDICTED, AttributeDecoder, predicted_category
 from mmfl.index.store import (
     BACKENDS, FORMAT, KINDS, MANIFEST, VERSION, Entry, Facets, GalleryStore, new_generation,
-    open_store, read_manifest, utc_now, write_manifest,
+    open_store, read_manifest, utc_now, write_manifest, writer_lock,
 )
 
 if TYPE_CHECKING:
     import torch
 
-#: Files a build may leave in INDEX: data of some generation or a manifest being written.
-_OWN_FILES = re.compile(r"^(vectors-\w+\.faiss|metadata-\w+\.jsonl|\.manifest\.json\.tmp-\d+|milvus\.db)$")
+#: Files a build may leave in INDEX: data of some generation (its journal of live updates too) or a
+#: manifest being written.
+_OWN_FILES = re.compile(r"^(vectors-\w+\.faiss|metadata-\w+\.jsonl|journal-\w+\.jsonl|\.manifest\.json\.tmp-\d+|milvus\.db)$")
+#: The folder of photos uploaded to a live catalogue (:class:`mmfl.catalog.Catalog`).
+PHOTOS = "photos"
 
 
 @dataclass
@@ -73,7 +76,7 @@ def _check_target(index_dir: Path) -> dict[str, Any] | None:
         raise GalleryIndexError(f"{index_dir}: exists and is not a folder; choose another --out")
     if (index_dir / MANIFEST).exists():
         return read_manifest(index_dir)
-    foreign = [p.name for p in index_dir.iterdir() if not _OWN_FILES.match(p.name)]
+    foreign = [p.name for p in index_dir.iterdir() if not _OWN_FILES.match(p.name) and p.name != PHOTOS]
     if foreign:
         raise GalleryIndexError(f"{index_dir}: exists and is not an mmfl index (holds {foreign[0]}); choose another --out")
     return None
@@ -126,18 +129,32 @@ def build_index(
     the model's predictions under the checkpoint's thresholds and exclusive groups. ``decode_device``
     (``mmfl index --decode gpu``) decodes the JPEGs there (:func:`mmfl.extract.extract_features`).
     """
-    from mmfl.extract import extract_features
-
     index_dir = Path(index_dir)
     if backend not in BACKENDS:
         raise GalleryIndexError(f"unknown backend '{backend}' (use {' or '.join(BACKENDS)})")
     if kind not in KINDS:
         raise GalleryIndexError(f"unknown index kind '{kind}' (use {', '.join(KINDS)})")
+    if not add and not records:
+        raise DataError("no gallery images to index (is the split empty or are there no shop images?)")
+    # a foreign folder is refused before anything is made in it
+    if _check_target(index_dir) is None and add:
+        raise GalleryIndexError(f"{index_dir}: no index to add to (build it first without --add)")
+    index_dir.mkdir(parents=True, exist_ok=True)
+    # A live catalogue (a server's POST /items) may be changing this index: take turns.
+    with writer_lock(index_dir):
+        return _build_locked(model, records, index_dir, backend, kind, add, milvus_uri, batch_size, device,
+                             num_workers, progress, catalog, decode_device)
+
+
+def _build_locked(model: Any, records: Sequence[Record], index_dir: Path, backend: str, kind: str, add: bool,
+                  milvus_uri: str | None, batch_size: int, device: str, num_workers: int, progress: bool,
+                  catalog: Catalog | None, decode_device: "torch.device | None") -> BuildReport:
+    """:func:`build_index` once it holds the index's writer lock."""
+    from mmfl.extract import extract_features
+
     previous = _check_target(index_dir)
     base: GalleryStore | None = None
-    if add:
-        if previous is None:
-            raise GalleryIndexError(f"{index_dir}: no index to add to (build it first without --add)")
+    if add and previous is not None:
         check_compatible(previous, model, index_dir)
         if (previous["backend"], previous["kind"]) != (backend, kind):
             raise GalleryIndexError(
@@ -145,8 +162,6 @@ def build_index(
                 f"--backend {previous['backend']} --kind {previous['kind']}"
             )
         base = open_store(index_dir)
-    elif not records:
-        raise DataError("no gallery images to index (is the split empty or are there no shop images?)")
     try:
         known = base.indexed_images([str(Path(r.path).resolve()) for r in records]) if base is not None else set()
         todo = [r for r in records if str(Path(r.path).resolve()) not in known]
@@ -163,7 +178,6 @@ def build_index(
             None if feats.category_probs is None else feats.category_probs.numpy(),
             decoder, model.meta["category_names"], catalog,
         )
-        index_dir.mkdir(parents=True, exist_ok=True)
         gen = new_generation()
         index_id = previous["index_id"] if previous else secrets.token_hex(4)
         if backend == "faiss":
@@ -187,9 +201,39 @@ def build_index(
         "attribute_predictions": decoder.describe() if decoder.names else None,
         **written,
     }
+    commit_generation(index_dir, manifest, previous)
+    return BuildReport(index_dir, len(entries), len(records) - len(todo), manifest["count"], manifest)
+
+
+def commit_generation(index_dir: Path, manifest: dict[str, Any], previous: dict[str, Any] | None) -> None:
+    """Make ``manifest``'s generation the index (the atomic rename), then delete what no manifest names."""
     write_manifest(index_dir, manifest)
     _remove_leftovers(index_dir, manifest, previous)
-    return BuildReport(index_dir, len(entries), len(records) - len(todo), manifest["count"], manifest)
+
+
+def compact(store: GalleryStore) -> GalleryStore:
+    """Fold a FAISS index's journal of live updates into a new generation; the store opened on it.
+
+    Call it holding :func:`writer_lock`. The journal's rows become ordinary rows, removed rows
+    are gone for good, and uploaded photos that no live row names any more are deleted. A crash
+    before the commit leaves the journal-bearing generation in place; the dead one's files are
+    removed by the next build or compaction. Milvus applies updates itself: its store comes back as is.
+    """
+    if store.manifest["backend"] != "faiss" or not store.pending_rows():
+        return store
+    index_dir = Path(store.index_dir)
+    gen = new_generation()
+    written = faiss_store.write_faiss_generation(
+        index_dir, gen, np.zeros((0, store.manifest["embed_dim"]), np.float32), [], store.manifest["kind"], store)
+    manifest = {k: v for k, v in store.manifest.items() if k != "journal"}
+    manifest.update(generation=gen, updated=utc_now(), count=len(store), **written)
+    commit_generation(index_dir, manifest, store.manifest)
+    live = {e.image for e in store.entries}
+    photos = index_dir / PHOTOS
+    for path in photos.iterdir() if photos.is_dir() else ():
+        if str(path.resolve()) not in live:
+            path.unlink()
+    return open_store(index_dir)
 
 
 def _remove_leftovers(index_dir: Path, manifest: dict[str, Any], previous: dict[str, Any] | None) -> None:

@@ -7,12 +7,16 @@ to the manifest). Category/attribute filters become Milvus filter expressions, s
 happens inside Milvus rather than after the fact.
 
 Atomicity: a full build fills a new collection ``mmfl_<index_id>_<gen>`` and the manifest
-switch makes it current. ``--add`` inserts rows numbered from the manifest's ``count``
-upwards into the current collection, and every search carries ``row < count``: rows of an
-add that died before its manifest commit are invisible, and the next add deletes them first.
+switch makes it current. ``--add`` and live adds insert rows numbered from the manifest's
+``next_row`` upwards into the current collection, and every query carries ``row < next_row``:
+rows of an add that died before its manifest commit are invisible, and the next writer deletes
+them first. A live removal commits first (the manifest lists the rows as ``dead_rows``, which
+every query excludes) and deletes the rows from Milvus after: a crash in between leaves them
+hidden, and the next writer deletes them before committing a manifest that no longer lists them.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -22,7 +26,7 @@ import numpy as np
 
 from mmfl.errors import GalleryIndexError
 from mmfl.index.faiss_store import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, IVF_NPROBE, ivf_nlist
-from mmfl.index.store import Entry, Filter, Hit
+from mmfl.index.store import Entry, Filter, Hit, updated_manifest, write_manifest
 
 DEFAULT_LITE_DB = "milvus.db"
 #: Milvus refuses larger top-k (``limit``) values.
@@ -78,9 +82,21 @@ def _literal(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def filter_expression(flt: Filter, count: int) -> str:
-    """The Milvus ``filter`` for ``flt``, restricted to committed rows (``row < count``)."""
-    parts = [f"row < {int(count)}"]
+def next_row(manifest: dict[str, Any]) -> int:
+    """The first row number not committed (indexes from before live updates: their count)."""
+    return int(manifest["milvus"].get("next_row", manifest["count"]))
+
+
+def committed_rows(manifest: dict[str, Any]) -> str:
+    """The Milvus filter for the rows ``manifest`` commits: below ``next_row`` and not removed."""
+    expr = f"row < {next_row(manifest)}"
+    dead = manifest["milvus"].get("dead_rows") or []
+    return expr + (f" and row not in [{', '.join(str(int(r)) for r in dead)}]" if dead else "")
+
+
+def filter_expression(flt: Filter, manifest: dict[str, Any]) -> str:
+    """The Milvus ``filter`` for ``flt``, restricted to the committed rows of ``manifest``."""
+    parts = [committed_rows(manifest)]
     if flt.categories:
         parts.append(f"category in [{', '.join(_literal(c) for c in flt.categories)}]")
     parts += [f"ARRAY_CONTAINS(attributes, {_literal(a)})" for a in flt.attributes]
@@ -139,12 +155,9 @@ def write_milvus_generation(
 ) -> dict[str, Any]:
     """Fill a new collection (full build) or append to ``base``'s (add); returns the manifest fields."""
     if base is not None:
-        client, name, count = base.client, base.collection, base.manifest["count"]
-        client.delete(name, filter=f"row >= {int(count)}")  # leftovers of an add that never committed
-        for batch in _rows(count, vectors, entries, with_source=_SOURCE in base.output_fields):
-            client.insert(name, batch)
-        client.flush(name)
-        return {"params": dict(base.manifest.get("params", {})), "files": {}, "milvus": dict(base.manifest["milvus"])}
+        start = base.insert(vectors, entries)
+        return {"params": dict(base.manifest.get("params", {})), "files": {},
+                "milvus": {**base.manifest["milvus"], "next_row": start + len(entries), "dead_rows": []}}
     recorded = record_uri(index_dir, uri)
     client = connect(connect_uri(index_dir, recorded))
     try:
@@ -196,6 +209,64 @@ class MilvusStore:
     def __len__(self) -> int:
         return int(self.manifest["count"])
 
+    def _purge(self) -> None:
+        """Delete rows no commit will show: an uncommitted add's, and removed ones still stored."""
+        self.client.delete(self.collection, filter=f"row >= {next_row(self.manifest)}")
+        dead = self.manifest["milvus"].get("dead_rows") or []
+        if dead:
+            self.client.delete(self.collection, ids=[int(r) for r in dead])
+
+    def insert(self, vectors: np.ndarray, entries: Sequence[Entry]) -> int:
+        """Store rows for ``entries`` from ``next_row`` on (after a purge), flushed; the first row number.
+
+        Uncommitted until a manifest with the new ``next_row`` is written.
+        """
+        self._purge()
+        start = next_row(self.manifest)
+        for batch in _rows(start, vectors, entries, with_source=_SOURCE in self.output_fields):
+            self.client.insert(self.collection, batch)
+        self.client.flush(self.collection)
+        return start
+
+    def with_added(self, vectors: np.ndarray, entries: Sequence[Entry]) -> "MilvusStore":
+        """Insert and commit ``entries``; the new state."""
+        start = self.insert(vectors, entries)
+        milvus = {**self.manifest["milvus"], "next_row": start + len(entries), "dead_rows": []}
+        manifest = updated_manifest(self.manifest, len(self) + len(entries), added=entries, milvus=milvus)
+        write_manifest(self.index_dir, manifest)
+        return self._view(manifest)
+
+    def with_removed(self, item_ids: Sequence[str]) -> "tuple[MilvusStore, list[Entry]]":
+        """Commit the removal of ``item_ids`` (rows listed as dead), then delete the rows; the new state."""
+        self._purge()
+        found = self.client.query(
+            self.collection, output_fields=["row", *self.output_fields],
+            filter=f"item_id in [{', '.join(_literal(i) for i in item_ids)}] and {committed_rows(self.manifest)}")
+        found.sort(key=lambda r: r["row"])
+        rows, removed = [int(r["row"]) for r in found], [_entry(r) for r in found]
+        milvus = {**self.manifest["milvus"], "next_row": next_row(self.manifest), "dead_rows": rows}
+        manifest = updated_manifest(self.manifest, len(self) - len(rows), removed=removed, milvus=milvus)
+        write_manifest(self.index_dir, manifest)
+        if rows:
+            self.client.delete(self.collection, ids=rows)
+        return self._view(manifest), removed
+
+    def caught_up(self, manifest: dict[str, Any]) -> "MilvusStore | None":
+        """The same collection under a newer manifest (the manifest is its whole state); None for another one."""
+        if manifest.get("milvus", {}).get("collection") != self.collection:
+            return None
+        return self._view(manifest)
+
+    def pending_rows(self) -> int:
+        """Milvus applies updates itself: nothing to compact."""
+        return 0
+
+    def _view(self, manifest: dict[str, Any]) -> "MilvusStore":
+        """This connection seen through ``manifest`` (the states share the client; close the last one)."""
+        view = copy.copy(self)
+        view.manifest = manifest
+        return view
+
     def search(self, vector: np.ndarray, n: int, flt: Filter) -> list[Hit]:
         """Nearest ``n`` rows passing ``flt``: the filter runs inside Milvus."""
         n = min(n, len(self), MAX_TOPK)
@@ -209,12 +280,12 @@ class MilvusStore:
             search_params["params"] = {"ef": max(int(params.get("efSearch", HNSW_EF_SEARCH)), n)}
         result = self.client.search(
             self.collection, data=[np.asarray(vector, dtype=np.float32).tolist()], limit=n,
-            filter=filter_expression(flt, len(self)), output_fields=self.output_fields, search_params=search_params,
+            filter=filter_expression(flt, self.manifest), output_fields=self.output_fields, search_params=search_params,
         )
         return [Hit(int(h["row"]), float(h["distance"]), _entry(h["entity"])) for h in result[0]]
 
     def images_of(self, item_id: str) -> list[str]:
-        rows = self.client.query(self.collection, filter=f"item_id == {_literal(item_id)} and row < {len(self)}",
+        rows = self.client.query(self.collection, filter=f"item_id == {_literal(item_id)} and {committed_rows(self.manifest)}",
                                  output_fields=["row", "image"])
         return [r["image"] for r in sorted(rows, key=lambda r: r["row"])]
 
@@ -225,7 +296,7 @@ class MilvusStore:
             chunk = paths[start:start + 500]
             rows = self.client.query(
                 self.collection, output_fields=["image"],
-                filter=f"image in [{', '.join(_literal(p) for p in chunk)}] and row < {len(self)}",
+                filter=f"image in [{', '.join(_literal(p) for p in chunk)}] and {committed_rows(self.manifest)}",
             )
             found.update(r["image"] for r in rows)
         return found

@@ -1,4 +1,9 @@
-"""Query side of visual search: embed a photo (optionally a box of it) and return the best *items*.
+"""Query side of visual search: embed a photo (a box of it) and return the best *items*.
+
+Which box: the user's when given (it always wins); else, when the model has a box head
+(:mod:`mmfl.localise`) and the caller did not ask for the whole image, the best predicted
+garment box; else the whole photo. Every answer says which (``bbox``, ``box_source`` user,
+predicted or whole, ``box_reason``) and lists the detections, so a page can offer the others.
 
 A gallery holds several images per item; the customer wants products, not five photos of the
 same dress. The store is asked for more rows than ``k`` (over-fetch), rows are grouped by item
@@ -9,23 +14,31 @@ filters inside the search).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from PIL import Image
 
-from mmfl.data.images import check_box, open_crop
+from mmfl.data.images import check_box
 from mmfl.data.records import Box
 from mmfl.errors import DataError, GalleryIndexError, MMFLError
 from mmfl.index.build import check_compatible, model_input_size
 from mmfl.index.labels import AttributeDecoder, predicted_category
 from mmfl.index.store import Filter, GalleryStore, Hit, open_store
+from mmfl.retriever import model_input, open_photo
+
+if TYPE_CHECKING:
+    import torch
+
+    from mmfl.localise import Detection
 
 #: Rows fetched per wanted item on the first try (items usually have a few gallery images).
 OVERFETCH = 4
 MAX_K = 1000
+#: Photos per forward pass when embedding several (batch search, live adds).
+EMBED_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -49,28 +62,35 @@ def parse_bbox(text: str) -> Box:
     return x1, y1, x2, y2
 
 
-def embed_query(model: Any, image: Image.Image, bbox: Box | None = None, device: str = "cpu") -> Query:
-    """Crop ``image`` to ``bbox`` (clamped), embed it as the gallery was, and read the heads' predictions
-    (attributes decided as the gallery's predicted ones are: the checkpoint's thresholds and groups)."""
+def embed_query(model: Any, image: Image.Image | str | Path | bytes, bbox: Box | None = None,
+                device: str = "cpu") -> Query:
+    """Embed one photo (cropped to ``bbox``, clamped) as the gallery was, with the heads' predictions."""
+    return embed_inputs(model, [model_input(image, bbox, model_input_size(model), "query image")[0]], device)[0]
+
+
+def embed_inputs(model: Any, inputs: Sequence["torch.Tensor"], device: str = "cpu") -> list[Query]:
+    """Embed :func:`mmfl.retriever.model_input` tensors with :func:`mmfl.extract.forward`, in batches of
+    :data:`EMBED_BATCH`, and decide the attributes as the gallery's predicted ones are (the checkpoint's
+    thresholds and groups). One forward pass for many photos is what makes a batch search cheaper than
+    as many single ones.
+    """
     import torch
-    import torch.nn.functional as F
 
-    from mmfl.data.transforms import eval_transform
+    from mmfl.extract import forward
 
-    if bbox is not None:
-        image = image.crop(check_box(bbox, image.width, image.height, "query image"))
-    x = eval_transform(model_input_size(model))(image).unsqueeze(0).to(device)
-    # Same precision as the gallery pass in mmfl.extract: bf16 autocast on CUDA, float32 elsewhere.
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-        pred = model.predict(x)
-    vector = F.normalize(pred.embedding.float(), dim=1)[0].cpu().numpy()
-    attr = None if pred.attribute_logits is None else torch.sigmoid(pred.attribute_logits.float())[0].cpu().numpy()
-    cat = None if pred.category_logits is None else torch.softmax(pred.category_logits.float(), dim=1)[0].cpu().numpy()
-    return Query(
-        vector.astype(np.float32),
-        predicted_category(cat, model.meta["category_names"]),
-        AttributeDecoder.from_meta(model.meta).attributes(attr),
-    )
+    decoder = AttributeDecoder.from_meta(model.meta)
+    queries = []
+    for first in range(0, len(inputs), EMBED_BATCH):
+        x = torch.stack(list(inputs[first:first + EMBED_BATCH])).to(device)
+        with torch.inference_mode():
+            emb, attr, cat = (None if t is None else t.float().cpu().numpy() for t in forward(model, x, True))
+        for i, vector in enumerate(emb):
+            queries.append(Query(
+                np.ascontiguousarray(vector, dtype=np.float32),
+                predicted_category(None if cat is None else cat[i], model.meta["category_names"]),
+                decoder.attributes(None if attr is None else attr[i]),
+            ))
+    return queries
 
 
 def search_items(store: GalleryStore, vector: np.ndarray, k: int, flt: Filter = Filter()) -> list[Hit]:
@@ -122,22 +142,97 @@ def load_index_onnx(index_dir: Path, manifest: dict[str, Any], onnx: str | Path,
     return model
 
 
+#: ``box_source`` values: the user's box, a predicted garment box, or the whole photo.
+USER, PREDICTED, WHOLE = "user", "predicted", "whole"
+#: ``box_reason`` when the caller asked for the whole photo.
+WHOLE_ASKED = "whole image asked for"
+NO_BOX_HEAD = "model has no box head"
+
+
+@dataclass(frozen=True)
+class BoxChoice:
+    """Which part of a photo a search embeds, and why.
+
+    ``box`` is in the photo's upright pixels, clamped to it (None: the whole photo); ``detections``
+    are the predicted garments scoring at least the catalogue's ``min_score``, best first (empty
+    when none were looked for: a user box, the whole image asked for, no box head).
+    """
+
+    box: Box | None
+    source: str
+    reason: str
+    detections: tuple["Detection", ...] = ()
+
+    def describe(self) -> dict[str, Any]:
+        """The answer's ``query`` fields about the box."""
+        return {"bbox": list(self.box) if self.box else None, "box_source": self.source, "box_reason": self.reason,
+                "detections": [d.to_dict() for d in self.detections]}
+
+
+def load_box_detector(model: Any, onnx: str | Path | None) -> tuple[Any, str]:
+    """What predicts garment boxes for ``model`` (None if nothing does) and the reason given when nothing does.
+
+    A PyTorch model with a box head detects itself. An ONNX embedding graph uses the box graph
+    ``mmfl export`` wrote beside it (``NAME.boxes.onnx``) when there is one, refused unless exported
+    from the same checkpoint (its boxes would belong to other weights).
+    """
+    from mmfl.localise import has_box_head
+
+    if onnx is None:
+        return (model, "") if has_box_head(model) else (None, NO_BOX_HEAD)
+    from mmfl.export import OnnxBoxDetector, box_graph_path
+
+    path = box_graph_path(onnx)
+    if not path.is_file():
+        return None, f"{NO_BOX_HEAD} (no box graph {path.name} beside the ONNX file)"
+    detector = OnnxBoxDetector(path)
+    if detector.meta["checkpoint_sha256"] != model.meta["checkpoint_sha256"]:
+        raise MMFLError(f"{path}: exported from another checkpoint than {onnx} (checkpoint sha256 "
+                        f"{detector.meta['checkpoint_sha256'][:12]} vs {model.meta['checkpoint_sha256'][:12]}); "
+                        "export both again with 'mmfl export'")
+    return detector, ""
+
+
+def check_min_score(min_score: float) -> float:
+    """A least detection score in [0, 1], or a one-line error."""
+    if isinstance(min_score, bool) or not isinstance(min_score, (int, float)) or not 0.0 <= min_score <= 1.0:
+        raise MMFLError(f"min_score={min_score!r}: must be a number in [0, 1]")
+    return float(min_score)
+
+
 class Searcher:
-    """A model and an open index, loaded once and shared by the CLI and every HTTP request."""
+    """A model and an open index, loaded once and shared by the CLI and every HTTP request.
+
+    ``store`` is one committed state of the index; :class:`mmfl.catalog.Catalog` replaces it
+    after each live update. Every search reads it once and uses that state throughout, so it
+    answers from the old catalogue or the new one, never a mix.
+    """
 
     def __init__(self, index_dir: str | Path, checkpoint: str | Path | None = None, device: str = "cpu",
-                 onnx: str | Path | None = None):
-        """``onnx``: an exported graph (``mmfl export --onnx``) to run with ONNX Runtime instead of the checkpoint."""
+                 onnx: str | Path | None = None, with_model: bool = True, min_score: float | None = None):
+        """``onnx``: an exported graph (``mmfl export --onnx``) to run with ONNX Runtime instead of the checkpoint.
+        ``with_model=False`` opens the index alone (searches and adds by vector, removals). ``min_score``:
+        the least score of a predicted garment box (default: the checkpoint's ``box.min_score``)."""
+        from mmfl.localise import box_settings
+
         if onnx and checkpoint:
             raise MMFLError(f"--checkpoint {checkpoint} and --onnx {onnx}: give one of them")
         self.index_dir = Path(index_dir)
         self.device = device
+        self.onnx = onnx
         self.store = open_store(self.index_dir)
+        self.model: Any = None
+        self.detector: Any = None
+        self.no_box_reason = NO_BOX_HEAD
         try:
             if onnx:
                 self.model = load_index_onnx(self.index_dir, self.store.manifest, onnx, device)
-            else:
+            elif with_model:
                 self.model = load_index_model(self.index_dir, self.store.manifest, checkpoint, device)
+            if self.model is not None:
+                self.detector, self.no_box_reason = load_box_detector(self.model, onnx)
+            self.min_score = check_min_score(
+                box_settings(self.detector or self.model)["min_score"] if min_score is None else min_score)
         except BaseException:
             self.store.close()
             raise
@@ -146,34 +241,183 @@ class Searcher:
     def manifest(self) -> dict[str, Any]:
         return self.store.manifest
 
-    def search(self, image: Image.Image, k: int = 20, bbox: Box | None = None, flt: Filter = Filter()) -> dict[str, Any]:
-        """``{"results": [...], "query": {...}}`` for one photo: the service's and ``mmfl search --json``'s answer."""
-        if not 1 <= k <= MAX_K:
-            raise DataError(f"k={k}: must be between 1 and {MAX_K}")
+    def require_model(self) -> Any:
+        """The model, or a one-line error when the index was opened without one."""
+        if self.model is None:
+            raise MMFLError(f"{self.index_dir}: opened without a model; photos need one (open it with the checkpoint)")
+        return self.model
+
+    def search(self, image: Image.Image, k: int = 20, bbox: Box | None = None, flt: Filter = Filter(),
+               whole_image: bool = False) -> dict[str, Any]:
+        """``{"results": [...], "query": {...}}`` for one decoded photo: the service's and ``mmfl search --json``'s answer."""
+        return self.search_photos([image], None, k, [bbox], flt, whole_image)[0]
+
+    def search_vector(self, vector: np.ndarray, k: int = 20, flt: Filter = Filter()) -> dict[str, Any]:
+        """The answer for an embedding (D,) computed elsewhere, scaled to unit length as the gallery's are
+        (so scores stay cosines); it says nothing about a photo."""
+        check_k(k)
+        vector = np.asarray(vector, dtype=np.float32)
+        if vector.shape != (self.manifest["embed_dim"],):
+            raise DataError(f"query vector has shape {vector.shape}; the index holds {self.manifest['embed_dim']}-d vectors")
+        norm = float(np.linalg.norm(vector))
+        if not np.isfinite(norm) or norm == 0:
+            raise DataError("query vector must be finite and non-zero")
+        vector = vector / norm
         start = time.perf_counter()
-        query = embed_query(self.model, image, bbox, self.device)
-        hits = search_items(self.store, query.vector, k, flt)
+        answer = self._answer(self.store, Query(vector, None, ()), k, flt, None, None)
+        answer["query"]["took_ms"] = round((time.perf_counter() - start) * 1000, 1)
+        return answer
+
+    @staticmethod
+    def _answer(store: GalleryStore, query: Query, k: int, flt: Filter, size: tuple[int, int] | None,
+                choice: BoxChoice | None) -> dict[str, Any]:
+        hits = search_items(store, query.vector, k, flt)
         return {
             "results": [hit_json(h) for h in hits],
             "query": {
-                "width": image.width, "height": image.height, "bbox": list(bbox) if bbox else None, "k": k,
-                "filters": flt.describe(), "category": query.category, "attributes": list(query.attributes),
-                "took_ms": round((time.perf_counter() - start) * 1000, 1),
+                "width": size[0] if size else None, "height": size[1] if size else None,
+                **(choice.describe() if choice else {"bbox": None}),
+                "k": k, "filters": flt.describe(), "category": query.category,
+                "attributes": list(query.attributes), "took_ms": None,
             },
         }
 
-    def search_photo(self, source: str | Path | bytes, name: str | None = None, k: int = 20,
-                     bbox: Box | None = None, flt: Filter = Filter()) -> dict[str, Any]:
+    def search_photo(self, source: str | Path | bytes | Image.Image, name: str | None = None, k: int = 20,
+                     bbox: Box | None = None, flt: Filter = Filter(), whole_image: bool = False) -> dict[str, Any]:
         """:meth:`search` for an encoded photo (a path or uploaded bytes), decoded no larger than the model needs.
 
         A phone photo is shrunk to the model's input anyway, so it is decoded at a reduced JPEG
         scale (:func:`mmfl.data.images.open_crop`); the answer still reports the photo's full
-        size and the box as given.
+        size and the box in its pixels.
         """
-        photo, (width, height) = open_crop(source, bbox, name, min_size=model_input_size(self.model))
-        answer = self.search(photo, k=k, flt=flt)
-        answer["query"].update(width=width, height=height, bbox=list(bbox) if bbox else None)
+        return self.search_photos([source], [name], k, [bbox], flt, whole_image)[0]
+
+    def search_photos(self, sources: Sequence[str | Path | bytes | Image.Image], names: Sequence[str | None] | None = None,
+                      k: int = 20, boxes: Sequence[Box | None] | None = None, flt: Filter = Filter(),
+                      whole_image: bool = False) -> list[dict[str, Any]]:
+        """:meth:`search_photo` for several photos (encoded, or decoded PIL images), embedded in one batched pass.
+
+        Each photo is searched inside its box when given; without one, inside the best predicted
+        garment box (unless ``whole_image``); see :meth:`choose_box`. ``took_ms`` is the whole call's.
+        """
+        check_k(k)
+        start = time.perf_counter()
+        model = self.require_model()
+        size = model_input_size(model)
+        names = list(names) if names is not None else [None] * len(sources)
+        boxes = list(boxes) if boxes is not None else [None] * len(sources)
+        inputs, sizes, choices = [], [], []
+        for source, name, box in zip(sources, names, boxes):
+            label = photo_label(source, name)
+            choice = self.choose_box(source, label, box, whole_image)
+            tensor, full = model_input(source, choice.box, size, label)
+            if choice.source == USER:  # report the box as searched: clamped to the photo
+                choice = replace(choice, box=check_box(choice.box, *full, label))
+            inputs.append(tensor)
+            sizes.append(full)
+            choices.append(choice)
+        queries = embed_inputs(model, inputs, self.device)
+        store = self.store
+        answers = [self._answer(store, q, k, flt, full, c) for q, full, c in zip(queries, sizes, choices)]
+        took = round((time.perf_counter() - start) * 1000, 1)
+        for answer in answers:
+            answer["query"]["took_ms"] = took
+        return answers
+
+    def search_garments(self, source: str | Path | bytes | Image.Image, name: str | None = None, k: int = 20,
+                        flt: Filter = Filter()) -> dict[str, Any]:
+        """One search per detected garment (a photo of a whole outfit: the top, the trousers, ...), embedded
+        in one batched pass.
+
+        The answer is :meth:`search_photo`'s for the best garment plus ``garments``: per detection, its
+        ``box``, ``category``, ``score``, what the model reads in it (``query_category``,
+        ``query_attributes``) and its ``results``. With no garment found (or no box head) there is one
+        entry, for the whole photo, and ``box_reason`` says why.
+        """
+        check_k(k)
+        start = time.perf_counter()
+        model = self.require_model()
+        label = photo_label(source, name)
+        best = self.choose_box(source, label, None, False)
+        crops = [d.box for d in best.detections] if best.box is not None else [None]
+        size = model_input_size(model)
+        inputs = [model_input(source, box, size, label) for box in crops]
+        queries = embed_inputs(model, [t for t, _ in inputs], self.device)
+        store, full = self.store, inputs[0][1]
+        answer = self._answer(store, queries[0], k, flt, full, best)  # the best garment is the first
+        answer["garments"] = []
+        for i, (query, box) in enumerate(zip(queries, crops)):
+            detection = best.detections[i] if box is not None else None
+            answer["garments"].append({
+                "box": list(box) if box is not None else None,
+                "box_source": PREDICTED if box is not None else WHOLE,
+                "category": detection.category if detection else None,
+                "score": round(detection.score, 4) if detection else None,
+                "query_category": query.category, "query_attributes": list(query.attributes),
+                "results": answer["results"] if i == 0 else [hit_json(h) for h in search_items(store, query.vector, k, flt)],
+            })
+        answer["query"]["took_ms"] = round((time.perf_counter() - start) * 1000, 1)
         return answer
+
+    def choose_box(self, source: str | Path | bytes | Image.Image, label: str, box: Box | None,
+                   whole_image: bool) -> BoxChoice:
+        """The part of the photo to search (see :class:`BoxChoice`): a given ``box`` always wins (clamped; one
+        with no area in the photo is a DataError), else the best predicted garment at or above ``min_score``,
+        else the whole photo, with the reason."""
+        if box is not None:
+            return BoxChoice(box, USER, "box given by the user")  # clamped by the decode (model_input)
+        if whole_image:
+            return BoxChoice(None, WHOLE, WHOLE_ASKED)
+        if self.detector is None:
+            return BoxChoice(None, WHOLE, self.no_box_reason)
+        from mmfl.localise import choose_box
+
+        found, full = self._detect(source, label, 0.0)  # every peak: the reason names the best score
+        chosen, reason = choose_box(found, full, min_score=self.min_score)
+        passing = tuple(d for d in found if d.score >= self.min_score)
+        return BoxChoice(chosen, PREDICTED if chosen is not None else WHOLE, reason, passing)
+
+    def detect(self, source: str | Path | bytes | Image.Image, name: str | None = None,
+               min_score: float | None = None) -> list["Detection"]:
+        """The garments the box head finds in a photo, best first, in the photo's full upright pixels
+        (clamped to it), scoring at least ``min_score`` (default: :attr:`min_score`)."""
+        if self.detector is None:
+            raise MMFLError(f"{self.index_dir}: cannot detect garments: {self.no_box_reason}")
+        return self._detect(source, photo_label(source, name),
+                            self.min_score if min_score is None else check_min_score(min_score))[0]
+
+    def _detect(self, source: str | Path | bytes | Image.Image, label: str, min_score: float
+                ) -> tuple[list["Detection"], tuple[int, int]]:
+        """:meth:`detect` and the photo's upright size."""
+        from mmfl.localise import Detection, box_settings, clamp_box, detect
+
+        # decoded no larger than the detector's input needs; boxes are then scaled to the full photo
+        image, full = open_photo(source, None, label, min_size=box_settings(self.detector)["size"])
+        found = detect(self.detector, image, min_score=min_score)
+        if image.size == full:
+            return found, full
+        sx, sy = full[0] / image.width, full[1] / image.height
+        out = []
+        for d in found:
+            box = clamp_box((d.box[0] * sx, d.box[1] * sy, d.box[2] * sx, d.box[3] * sy), *full)
+            if box is not None:
+                out.append(Detection(box, d.category, d.score, d.category_score))
+        return out, full
 
     def close(self) -> None:
         self.store.close()
+
+
+def photo_label(source: str | Path | bytes | Image.Image, name: str | None) -> str:
+    """What errors call a query photo: ``name``, else its path, else "uploaded image" or "query image"."""
+    if name:
+        return name
+    if isinstance(source, (str, Path)):
+        return str(source)
+    return "uploaded image" if isinstance(source, bytes) else "query image"
+
+
+def check_k(k: int) -> None:
+    """Refuse a result count outside 1..MAX_K with a one-line error."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise DataError(f"k={k!r}: must be an integer between 1 and {MAX_K}")

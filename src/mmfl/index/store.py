@@ -5,16 +5,20 @@ data under names that carry a *generation* (``vectors-<gen>.faiss``, Milvus coll
 ``mmfl_<index_id>_<gen>``), and a build becomes visible only when the manifest naming the new
 generation replaces the old one with an atomic rename. A build that fails or is killed before
 that rename leaves the previous manifest, and so the previous index, untouched; its leftovers
-are removed by the next successful build.
+are removed by the next successful build. Live updates (:class:`mmfl.catalog.Catalog`) commit
+the same way: an added or removed item is written first (a FAISS journal line, Milvus rows)
+and is part of the index once the manifest recording it is renamed into place.
 """
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence
 
 from mmfl.atomic import atomic_write_text
 from mmfl.errors import GalleryIndexError, MMFLError
@@ -70,6 +74,26 @@ class Filter:
     categories: tuple[str, ...] = ()
     attributes: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        # A bare string is iterable, so Filter(attributes="denim") used to filter on "d", "e", "n", ...
+        # and silently match nothing: every field must be a list of names.
+        for name in ("categories", "attributes"):
+            object.__setattr__(self, name, name_list(getattr(self, name), f"Filter.{name}"))
+
+    @classmethod
+    def coerce(cls, value: "Filter | Mapping[str, Any] | None") -> "Filter":
+        """A Filter from a Filter, None (no filter) or a mapping with the keys ``categories`` / ``attributes``."""
+        if value is None:
+            return cls()
+        if isinstance(value, Filter):
+            return value
+        if not isinstance(value, Mapping):
+            raise MMFLError(f"filter: expected a Filter or a dict with categories/attributes, got {type(value).__name__}")
+        unknown = sorted(set(value) - {"categories", "attributes"})
+        if unknown:
+            raise MMFLError(f"filter: unknown key '{unknown[0]}' (use categories and attributes, each a list of names)")
+        return cls(value.get("categories", ()), value.get("attributes", ()))
+
     def __bool__(self) -> bool:
         return bool(self.categories or self.attributes)
 
@@ -80,6 +104,19 @@ class Filter:
 
     def describe(self) -> list[str]:
         return [f"category={c}" for c in self.categories] + [f"attribute={a}" for a in self.attributes]
+
+
+def name_list(value: Any, what: str) -> tuple[str, ...]:
+    """``value`` (a list or tuple of non-empty strings) as a tuple; a bare string or anything else is a
+    one-line MMFLError naming ``what``, since iterating a string would yield its letters."""
+    if isinstance(value, (str, bytes)):
+        raise MMFLError(f"{what}: expected a list of names, got the string {value!r} (write [{value!r}])")
+    if not isinstance(value, (list, tuple)):
+        raise MMFLError(f"{what}: expected a list of names, got {type(value).__name__}")
+    bad = [v for v in value if not isinstance(v, str) or not v.strip()]
+    if bad:
+        raise MMFLError(f"{what}: every name must be a non-empty string, got {bad[0]!r}")
+    return tuple(value)
 
 
 def parse_filters(items: Iterable[str]) -> Filter:
@@ -98,8 +135,16 @@ def parse_filters(items: Iterable[str]) -> Filter:
 
 
 class GalleryStore(Protocol):
-    """A read-only open index: nearest images with optional filters, and lookups by item or path."""
+    """One committed state of an index: nearest images with optional filters, lookups by item or path,
+    and live updates.
 
+    A store object never changes once made: an update commits a new state durably and returns
+    it as a new object, so a search that holds the old object finishes on the old catalogue
+    while later ones see the new (:class:`mmfl.catalog.Catalog` swaps them). ``len`` counts live
+    images.
+    """
+
+    index_dir: Path
     manifest: dict[str, Any]
     #: Most rows one :meth:`search` call may return (Milvus caps top-k).
     max_fetch: int
@@ -118,6 +163,23 @@ class GalleryStore(Protocol):
         """The subset of ``paths`` already in the index."""
         ...
 
+    def with_added(self, vectors: Any, entries: Sequence[Entry]) -> "GalleryStore":
+        """Commit ``entries`` (vectors (N, D) float32, unit-norm) durably; the new state."""
+        ...
+
+    def with_removed(self, item_ids: Sequence[str]) -> "tuple[GalleryStore, list[Entry]]":
+        """Commit the removal of every image of ``item_ids`` durably; the new state and the entries removed."""
+        ...
+
+    def caught_up(self, manifest: dict[str, Any]) -> "GalleryStore | None":
+        """This store advanced to ``manifest`` (committed by another process) cheaply, or None when
+        only a full :func:`open_store` can (another generation)."""
+        ...
+
+    def pending_rows(self) -> int:
+        """Rows added or removed since the generation was written (what a compaction would fold in)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -126,6 +188,38 @@ class GalleryStore(Protocol):
 def new_generation() -> str:
     """A sortable, collision-safe name for one build's data (letters, digits and '_' only, for Milvus)."""
     return time.strftime("%Y%m%d%H%M%S", time.gmtime()) + "_" + secrets.token_hex(3)
+
+
+@contextmanager
+def writer_lock(index_dir: str | Path, timeout: float = 60.0) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the INDEX folder itself while one process changes the index.
+
+    Builds and live updates of several processes (``mmfl index``, a server's ``POST /items``) take
+    turns instead of committing over each other. The lock dies with its process, so a killed
+    writer never leaves the index locked, and locking the folder adds no file to it. Waiting
+    longer than ``timeout`` seconds is an :class:`IndexBusyError`.
+    """
+    import fcntl
+
+    fd = os.open(index_dir, os.O_RDONLY)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise IndexBusyError(f"{index_dir}: another process has been changing the index for "
+                                         f"{timeout:.0f} s (mmfl index?); try again later") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+class IndexBusyError(MMFLError):
+    """Another process holds the index's writer lock (a build or a live update is running)."""
 
 
 def utc_now() -> str:
@@ -183,6 +277,17 @@ class Facets:
                 self.attribute_sources[e.attribute_source] = self.attribute_sources.get(e.attribute_source, 0) + 1
         return self
 
+    def remove(self, entries: Iterable[Entry]) -> "Facets":
+        """Take ``entries`` back out (live removal); a count that reaches zero drops its key."""
+        for e in entries:
+            for table, keys in ((self.categories, [e.category] if e.category else []), (self.attributes, e.attributes),
+                                (self.attribute_sources, [e.attribute_source] if e.attribute_source else [])):
+                for key in keys:
+                    table[key] = table.get(key, 0) - 1
+                    if table[key] <= 0:
+                        del table[key]
+        return self
+
     def to_json(self) -> dict[str, dict[str, int]]:
         return {"categories": dict(sorted(self.categories.items())),
                 "attributes": dict(sorted(self.attributes.items())),
@@ -192,6 +297,13 @@ class Facets:
     def from_json(cls, d: dict[str, Any] | None) -> "Facets":
         d = d or {}
         return cls(dict(d.get("categories", {})), dict(d.get("attributes", {})), dict(d.get("attribute_sources", {})))
+
+
+def updated_manifest(manifest: dict[str, Any], count: int, added: Sequence[Entry] = (),
+                     removed: Sequence[Entry] = (), **fields: Any) -> dict[str, Any]:
+    """``manifest`` after a live update: new live ``count``, facets moved by the entries, ``fields`` set."""
+    facets = Facets.from_json(manifest.get("facets")).add(added).remove(removed)
+    return {**manifest, "count": count, "facets": facets.to_json(), "updated": utc_now(), **fields}
 
 
 def open_store(index_dir: str | Path) -> GalleryStore:

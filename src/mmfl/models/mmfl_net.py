@@ -9,7 +9,9 @@ Forward contract (others code against it):
 * train mode: :class:`TrainOutput` with one pre-BN feature, post-BN feature and ID-logit tensor per
   embedding, plus attribute/category logits;
 * eval mode: the retrieval embedding, concatenated post-BN features L2-normalised, float32;
-* :meth:`MMFLNet.predict`: the embedding plus attribute/category logits.
+* :meth:`MMFLNet.predict`: the embedding plus attribute/category logits;
+* :meth:`MMFLNet.detect` (models built with ``box_head``): garment boxes of whole photos
+  (:mod:`mmfl.models.box_head`); the head reads its own map and never touches the embedding.
 Inputs are float images in [0, 1] of any size >= 32; ImageNet normalisation happens inside.
 """
 from __future__ import annotations
@@ -24,7 +26,8 @@ from torch import nn
 
 from mmfl.config import BranchSpec, Config, parse_partition
 from mmfl.errors import MMFLError
-from mmfl.models.backbones import Backbone
+from mmfl.models.backbones import LEVELS, Backbone
+from mmfl.models.box_head import BoxDetections, BoxHead, BoxMaps, decode_boxes
 from mmfl.models.pretrained import load_pretrained
 
 log = logging.getLogger(__name__)
@@ -229,6 +232,11 @@ class MMFLNet(nn.Module):
         fusion: str = "none",
         fusion_levels: Sequence[int] = (3, 4, 5),
         neck_width: int = 256,
+        box_head: bool = False,
+        box_level: int = 4,
+        box_source: str = "backbone",
+        box_width: int = 64,
+        num_box_categories: int = 0,
     ) -> None:
         super().__init__()
         if fusion not in ("none", "topdown", "bidirectional"):
@@ -262,6 +270,20 @@ class MMFLNet(nn.Module):
         self.num_categories = num_categories
         self.attribute_head = nn.Linear(self.embed_dim, num_attributes) if num_attributes > 0 else None
         self.category_head = nn.Linear(self.embed_dim, num_categories) if num_categories > 0 else None
+        # Built last and on a forked random stream, so the retrieval layers, and everything the
+        # trainer draws after building the model, see the same random numbers with or without it.
+        self.box_head: BoxHead | None = None
+        self.box_level = box_level
+        self.box_reads_fused = box_source == "fused"
+        if box_head:
+            if self.box_reads_fused and (self.neck is None or box_level not in self.neck.out_levels):
+                raise ValueError(f"box head: no fused map at level {box_level} (the neck outputs "
+                                 f"{self.neck.out_levels if self.neck is not None else 'nothing'})")
+            if box_level not in backbone.channels:
+                raise ValueError(f"box head: level {box_level} is not computed (levels {sorted(backbone.channels)})")
+            channels = neck_width if self.box_reads_fused else backbone.channels[box_level]
+            with torch.random.fork_rng(devices=[]):
+                self.box_head = BoxHead(channels, num_box_categories, box_width)
 
     def _embed(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Pre-BN and post-BN features of every embedding, in ``self.names`` order."""
@@ -297,9 +319,38 @@ class MMFLNet(nn.Module):
         attrs, cats = self._heads(joined)
         return Prediction(F.normalize(joined.float(), dim=1), attrs, cats)
 
+    def box_maps(self, x: torch.Tensor) -> BoxMaps:
+        """The box head's raw maps for whole photos ``x`` (training and :meth:`detect`).
 
-def build_model(cfg: Config, num_items: int, num_attributes: int, num_categories: int = 0) -> MMFLNet:
-    """Build MMFL-Net from ``cfg.model``; sizes come from the data (heads off when 0 or switched off)."""
+        Reading the backbone, only the stages up to ``box_level`` run (a partial pass: the
+        detection costs less than an embedding at the same size); reading the fused map, the
+        backbone and neck run whole.
+        """
+        if self.box_head is None:
+            raise MMFLError("this model has no box head (train with model.box_head=true)")
+        x = (x - self.mean) / self.std
+        if self.box_reads_fused:
+            fmap = self.neck(self.backbone(x))[self.box_level]
+        else:
+            for level, stage in zip(LEVELS, self.backbone._stages):  # the Backbone's own stage list
+                x = stage(x)
+                if level == self.box_level:
+                    break
+            fmap = x
+        return self.box_head(fmap)
+
+    def detect(self, x: torch.Tensor, max_boxes: int = 10) -> BoxDetections:
+        """Top ``max_boxes`` garment boxes per image of ``x`` in its pixels, best first (call in eval mode)."""
+        return decode_boxes(self.box_maps(x), (x.shape[-2], x.shape[-1]), max_boxes)
+
+
+def build_model(cfg: Config, num_items: int, num_attributes: int, num_categories: int = 0,
+                num_box_categories: int = 0) -> MMFLNet:
+    """Build MMFL-Net from ``cfg.model``; sizes come from the data (heads off when 0 or switched off).
+
+    ``num_box_categories``: categories the box head names (0: boxes without a category); used
+    only with ``model.box_head``.
+    """
     m = cfg.model
     if num_items < 1:
         raise MMFLError(f"num_items must be at least 1 to build the ID classifiers, got {num_items}")
@@ -317,6 +368,11 @@ def build_model(cfg: Config, num_items: int, num_attributes: int, num_categories
         fusion=m.fusion,
         fusion_levels=m.fusion_levels,
         neck_width=m.neck_width,
+        box_head=m.box_head,
+        box_level=m.box_level,
+        box_source=m.box_source,
+        box_width=m.box_width,
+        num_box_categories=num_box_categories,
     )
     log.info("built %s/%s: embed_dim %d, backbone from %s", m.backbone, m.fusion, model.embed_dim, source)
     return model

@@ -109,6 +109,10 @@ def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: to
     _seed_everything(cfg.seed, cfg.train.deterministic)
 
     data = prepare_data(cfg)
+    if cfg.model.box_head:
+        from mmfl.train.boxes import check_box_data
+
+        check_box_data(data.catalog, cfg)
     meta = {
         "config": config_to_dict(cfg),
         "num_items": data.num_items,
@@ -117,6 +121,8 @@ def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: to
         "attribute_names": list(data.catalog.attribute_names),
         "category_names": list(data.catalog.category_names),
         "attribute_groups": dict(data.catalog.attribute_groups),
+        # one per category channel of the box head (empty: boxes without a category, or no head)
+        "box_category_names": list(data.catalog.category_names) if cfg.model.box_head else [],
     }
     # Every refusal comes before the first write: a --resume that does not fit, or ImageNet weights
     # that cannot be had offline, must leave the output folder exactly as it was.
@@ -127,7 +133,10 @@ def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: to
                             "all-reduce is not captured); set train.cuda_graph=false")
     # A resumed model gets its weights from the checkpoint: no pretrained file is needed (or read).
     build_cfg = cfg if ckpt is None else replace(cfg, model=replace(cfg.model, pretrained="none"))
-    model = build_model(build_cfg, data.num_items, meta["num_attributes"], meta["num_categories"])
+    model = build_model(build_cfg, data.num_items, meta["num_attributes"], meta["num_categories"],
+                        len(meta["box_category_names"]))
+    if model.box_head is not None:  # trained by the box stage after retrieval (mmfl.train.boxes), not here
+        model.box_head.requires_grad_(False)
     criterion = build_criterion(cfg, data.num_items, cfg.model.branches[0].dim)
     model.to(device)
     criterion.to(device)
@@ -302,6 +311,10 @@ def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: to
         barrier(info)
     if info.is_main:
         _store_attribute_thresholds(model, data.catalog, cfg, device, [last_path, best_path])
+        if model.box_head is not None:
+            from mmfl.train.boxes import run_box_stage
+
+            run_box_stage(model, data.catalog, cfg, device, [last_path, best_path], progress)
     barrier(info)
     if writer is not None:
         writer.close()

@@ -1,10 +1,15 @@
 // The search page: pick or drop a photo, optionally drag a box on it, and see the matching
-// shop items. Everything goes through fetch(); the page never reloads. Text from the server
-// is always inserted with textContent, never as HTML.
+// shop items. With a model that finds garments, the detected boxes are drawn on the photo
+// (the server searched the best one); a click on another, or on its button, searches that
+// one, and a dragged box is searched as drawn. Everything goes through fetch(); the page never
+// reloads. Text from the server is always inserted with textContent, never as HTML.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { file: null, image: null, scale: 1, box: null, drag: null, inflight: null };
+// box: the box the user chose (drawn or picked; sent as bbox); picked: index of the detection chosen;
+// detections: the garments found in the photo; used: the box the last answer searched (null = whole photo)
+const state = { file: null, image: null, scale: 1, box: null, picked: null, detections: [], used: null,
+                drag: null, inflight: null };
 const MAX_PREVIEW = 316; // preview width in CSS pixels (small photos are scaled up to it)
 const MAX_PREVIEW_HEIGHT = 420;
 const MAX_CHIPS = 5; // most confident attributes shown on a card; the rest in a tooltip
@@ -44,6 +49,10 @@ function choose(file) {
   if (!file) return;
   state.file = file;
   state.box = null;
+  state.picked = null;
+  state.detections = [];
+  state.used = null;
+  showGarments();
   const url = URL.createObjectURL(file);
   const img = new Image();
   img.onload = () => {
@@ -70,8 +79,9 @@ function draw() {
   const ctx = canvas.getContext("2d");
   ctx.clearRect(0, 0, canvas.width, canvas.height);
   if (state.image) ctx.drawImage(state.image, 0, 0, canvas.width, canvas.height);
-  const r = state.drag || (state.box && state.box.map((v) => v * state.scale));
-  if (r) {
+  const shown = state.box || state.used;
+  const r = state.drag || (shown && shown.map((v) => v * state.scale));
+  if (r && state.image) {
     const [x1, y1, x2, y2] = normalise(r);
     ctx.fillStyle = "rgba(0,0,0,0.35)";
     ctx.fillRect(0, 0, canvas.width, canvas.height);
@@ -81,7 +91,65 @@ function draw() {
     ctx.lineWidth = 2;
     ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
   }
+  if (state.image) drawDetections(ctx);
+  canvas.dataset.detections = String(state.detections.length);
   $("clear-box").disabled = !state.box;
+}
+
+// Each detected garment as a numbered outline: solid for the one searched, dashed for the others.
+function drawDetections(ctx) {
+  ctx.save();
+  ctx.lineWidth = 2;
+  ctx.font = "bold 12px system-ui, sans-serif";
+  state.detections.forEach((d, i) => {
+    const [x1, y1, x2, y2] = d.box.map((v) => v * state.scale);
+    const searched = state.used && d.box.every((v, k) => v === state.used[k]);
+    ctx.setLineDash(searched ? [] : [5, 3]);
+    ctx.strokeStyle = "#2563eb";
+    ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
+    const label = String(i + 1);
+    ctx.fillStyle = "#2563eb";
+    ctx.fillRect(x1, y1, ctx.measureText(label).width + 8, 16);
+    ctx.fillStyle = "#fff";
+    ctx.fillText(label, x1 + 4, y1 + 12);
+  });
+  ctx.restore();
+}
+
+// One button per detected garment, so a box can also be chosen without pointing at the photo.
+function showGarments() {
+  const list = $("garments");
+  list.replaceChildren();
+  state.detections.forEach((d, i) => {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "garment";
+    button.textContent = `${i + 1}: ${d.category} ${d.score.toFixed(2)}`;
+    button.title = `search inside box ${d.box.join(",")}`;
+    button.setAttribute("aria-pressed", String(i === state.picked));
+    button.addEventListener("click", () => pick(i));
+    list.appendChild(button);
+  });
+  $("garments-hint").style.display = state.detections.length ? "block" : "none";
+}
+
+function pick(index) {
+  state.picked = index;
+  state.box = state.detections[index].box.slice();
+  showGarments();
+  draw();
+  search();
+}
+
+// The smallest detected box under a click (boxes of an outfit nest: a top inside a dress's box).
+function detectionAt(x, y) {
+  let best = null;
+  state.detections.forEach((d, i) => {
+    const [x1, y1, x2, y2] = d.box.map((v) => v * state.scale);
+    const area = (x2 - x1) * (y2 - y1);
+    if (x >= x1 && x <= x2 && y >= y1 && y <= y2 && (best === null || area < best.area)) best = { i, area };
+  });
+  return best === null ? null : best.i;
 }
 
 function normalise([ax, ay, bx, by]) {
@@ -117,10 +185,14 @@ function bindCanvas() {
     state.drag = null;
     if (x2 - x1 >= 4 && y2 - y1 >= 4) {
       state.box = [x1, y1, x2, y2].map((v) => Math.round(v / state.scale));
+      state.picked = null;
+      showGarments();
       draw();
       search();
     } else {
-      draw();
+      const hit = detectionAt(x2, y2); // a click, not a drag: choose the garment under it
+      if (hit !== null) pick(hit);
+      else draw();
     }
   });
 }
@@ -134,6 +206,7 @@ async function search() {
   form.append("image", state.file, state.file.name || "photo");
   form.append("k", $("k").value);
   if (state.box) form.append("bbox", state.box.join(","));
+  if ($("whole-image").checked) form.append("whole_image", "true");
   if ($("category").value) form.append("filter", `category=${$("category").value}`);
   if ($("attribute").value) form.append("filter", `attribute=${$("attribute").value}`);
   setStatus("searching…");
@@ -144,6 +217,12 @@ async function search() {
       showError(answer.error || `the server answered ${response.status} ${response.statusText}`);
       return;
     }
+    if (!state.box) { // a search without a box says what was found; keep it while a garment is chosen
+      state.detections = answer.query.detections || [];
+      showGarments();
+    }
+    state.used = answer.query.bbox;
+    draw();
     render(answer.results);
     describeQuery(answer.query);
     setStatus(`${answer.results.length} items in ${answer.query.took_ms} ms`);
@@ -169,7 +248,9 @@ function describeQuery(query) {
   const parts = [];
   if (query.category) parts.push(`looks like: ${query.category}`);
   if (query.attributes && query.attributes.length) parts.push(`attributes: ${query.attributes.slice(0, MAX_CHIPS).join(", ")}`);
-  if (query.bbox) parts.push(`box: ${query.bbox.join(",")}`);
+  if (state.picked !== null) parts.push(`garment ${state.picked + 1}, box: ${query.bbox.join(",")}`);
+  else if (query.bbox) parts.push(`box: ${query.bbox.join(",")} (${query.box_reason})`);
+  else if (query.box_reason) parts.push(`whole photo (${query.box_reason})`);
   $("query").textContent = parts.join(" · ");
 }
 
@@ -241,7 +322,8 @@ function bindInputs() {
     drop.classList.remove("over");
     choose(event.dataTransfer.files[0]);
   });
-  $("clear-box").addEventListener("click", () => { state.box = null; draw(); search(); });
+  $("clear-box").addEventListener("click", () => { state.box = null; state.picked = null; showGarments(); draw(); search(); });
+  $("whole-image").addEventListener("change", () => { if (!state.box) search(); });
   for (const id of ["k", "category", "attribute"]) $(id).addEventListener("change", search);
 }
 
