@@ -10,24 +10,8 @@ import pytest
 import mmfl
 from mmfl.cli import main
 
-from search_helpers import make_checkpoint, make_gallery
 
 BOX = (4, 6, 40, 44)
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("embed")
-
-
-@pytest.fixture(scope="module")
-def gallery(work: Path) -> Path:
-    return make_gallery(work / "gallery")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(work: Path) -> Path:
-    return make_checkpoint(work / "model.pt")
 
 
 @pytest.fixture(scope="module")

@@ -19,22 +19,7 @@ from mmfl.errors import GalleryIndexError, MMFLError
 from mmfl.index import Searcher, build_index, open_store, parse_filters, read_manifest, search_items
 from mmfl.index.search import embed_query
 
-from search_helpers import ITEMS, item_category, make_checkpoint, make_gallery
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("index")
-
-
-@pytest.fixture(scope="module")
-def gallery(work: Path) -> Path:
-    return make_gallery(work / "gallery")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(work: Path) -> Path:
-    return make_checkpoint(work / "model.pt")
+from search_helpers import ITEMS, item_category, make_checkpoint
 
 
 @pytest.fixture(scope="module")

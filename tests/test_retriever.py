@@ -17,24 +17,9 @@ from mmfl.errors import CheckpointError, DataError, MMFLError
 from mmfl.index.labels import AttributeDecoder
 from mmfl.index.search import embed_query
 
-from search_helpers import ATTRIBUTES, make_checkpoint, make_gallery
+from search_helpers import ATTRIBUTES
 
 BOX = (4, 6, 40, 44)
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("retriever")
-
-
-@pytest.fixture(scope="module")
-def gallery(work: Path) -> Path:
-    return make_gallery(work / "gallery")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(work: Path) -> Path:
-    return make_checkpoint(work / "model.pt")
 
 
 @pytest.fixture(scope="module")
