@@ -201,7 +201,7 @@ def test_strings_where_lists_are_expected_are_refused(index: Path) -> None:
             (lambda: catalog.search(photo, box="1,2,30,40"), "box: expected"),
             (lambda: catalog.search(photo, k=0), "k=0"),
             (lambda: catalog.search_many(photo), "expected a list of photos"),
-            (lambda: catalog.search_many([photo], boxes=[(1, 1, 9, 9), None]), "2 boxes for 1 photos"),
+            (lambda: catalog.search_many([photo], boxes=[(1, 1, 9, 9), None]), "2 boxes for 1 images"),
             (lambda: catalog.add(photo, "x"), "expected a list of photos"),
             (lambda: catalog.add([photo], "x", attributes="denim"), "the string 'denim'"),
             (lambda: catalog.add([photo], ""), "item_id: expected a non-empty string"),

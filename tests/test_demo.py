@@ -23,3 +23,6 @@ def test_demo_writes_report_with_metrics(tmp_path: Path, capsys) -> None:  # noq
     assert len(re.findall(r"<td>\d+\.\d</td>", page)) == 12  # 2 models x 6 metrics
     assert (out / "index" / "manifest.json").is_file()
     assert re.search(r"^  1\. id_\d{8}  score", printed, re.M)
+    # the query searched with the dataset's box, then with none: the box head's garment box
+    assert re.search(r"^ box \d+,\d+,\d+,\d+ \[user: ", printed, re.M)
+    assert re.search(r"^ (box \d+,\d+,\d+,\d+ \[predicted: |whole photo \[whole: no garment found)", printed, re.M)

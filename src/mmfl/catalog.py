@@ -40,12 +40,12 @@ from mmfl.atomic import atomic_write
 from mmfl.data.records import Box
 from mmfl.errors import DataError, MMFLError
 from mmfl.index.build import PHOTOS, check_compatible, compact, model_input_size
-from mmfl.retriever import model_input
 from mmfl.index.labels import ANNOTATED, PREDICTED
 from mmfl.index.search import Searcher, embed_inputs
 from mmfl.index.store import (
     Entry, Filter, GalleryStore, manifest_path, name_list, open_store, read_manifest, writer_lock,
 )
+from mmfl.retriever import check_box_value, check_boxes, model_input
 
 #: Longest item id, category or attribute name (the Milvus schema's limits).
 MAX_ID_CHARS = 512
@@ -149,7 +149,8 @@ class Catalog:
             if box is not None:
                 raise MMFLError("box: a vector query has no photo to crop")
             return self.searcher.search_vector(photo_or_vector, k, flt)
-        return self.searcher.search_photos([_photo(photo_or_vector, "photo")], [name], k, [_box(box, "box")], flt,
+        user_box = None if box is None else check_box_value(box, "box")
+        return self.searcher.search_photos([_photo(photo_or_vector, "photo")], [name], k, [user_box], flt,
                                            _flag(whole_image, "whole_image"))[0]
 
     def search_many(self, photos: Sequence[Photo] | np.ndarray, k: int = 20,
@@ -172,7 +173,7 @@ class Catalog:
         sources = _photo_list(photos, "photos")
         if names is not None and len(names) != len(sources):
             raise MMFLError(f"names: {len(names)} names for {len(sources)} photos")
-        return self.searcher.search_photos(sources, names, k, _box_list(boxes, len(sources)), flt,
+        return self.searcher.search_photos(sources, names, k, check_boxes(boxes, len(sources)), flt,
                                            _flag(whole_image, "whole_image"))
 
     def search_garments(self, photo: Photo, k: int = 20, filter: Filter | Mapping[str, Any] | None = None,
@@ -254,7 +255,7 @@ class Catalog:
             if names is not None and len(names) != len(sources):
                 raise MMFLError(f"names: {len(names)} names for {len(sources)} photos")
             labels = [(names[n] if names else None) or f"photo {n + 1} of item {item_id!r}" for n in range(len(sources))]
-            vectors, entries, files = self._embed_for_add(sources, _box_list(boxes, len(sources)), labels, item_id,
+            vectors, entries, files = self._embed_for_add(sources, check_boxes(boxes, len(sources)), labels, item_id,
                                                           category, given)
         with self._lock, writer_lock(self.index_dir):
             self._catch_up()
@@ -394,30 +395,6 @@ def _photo_list(values: Any, what: str) -> list[Photo]:
     if not values:
         raise MMFLError(f"{what}: the list is empty")
     return [_photo(v, f"{what}[{i}]") for i, v in enumerate(values)]
-
-
-def _box(value: Any, what: str) -> Box | None:
-    if value is None:
-        return None
-    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or len(value) != 4:
-        raise MMFLError(f"{what}: expected (x1, y1, x2, y2) in pixels, got {value!r}")
-    try:
-        x1, y1, x2, y2 = (int(round(float(v))) for v in value)
-    except (TypeError, ValueError):
-        raise MMFLError(f"{what}: expected (x1, y1, x2, y2) in pixels, got {value!r}") from None
-    if x2 <= x1 or y2 <= y1:
-        raise MMFLError(f"{what}: {value!r}: x2 must exceed x1 and y2 must exceed y1")
-    return x1, y1, x2, y2
-
-
-def _box_list(values: Any, n: int) -> list[Box | None]:
-    if values is None:
-        return [None] * n
-    if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)):
-        raise MMFLError(f"boxes: expected a list with one box (or None) per photo, got {type(values).__name__}")
-    if len(values) != n:
-        raise MMFLError(f"boxes: {len(values)} boxes for {n} photos (give one per photo, None for a whole photo)")
-    return [_box(v, f"boxes[{i}]") for i, v in enumerate(values)]
 
 
 def _unit_rows(vectors: np.ndarray, dim: int) -> np.ndarray:

@@ -1,6 +1,7 @@
 """``mmfl demo``: the main job end to end on generated data, sized for a laptop CPU.
 
-synth -> train (plus an untrained baseline) -> eval with plots -> FAISS index -> one search
+synth -> train (plus an untrained baseline; then the garment box stage) -> eval with plots ->
+FAISS index -> one consumer photo searched with its given box and with none (the predicted box)
 -> ``report.html``. Every stage goes through the same functions the other subcommands use,
 so the demo is also a smoke test of the whole product.
 """
@@ -22,6 +23,8 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     p.add_argument("--items", type=int, default=300, help="generated items (default: 300)")
     p.add_argument("--size", type=int, default=112, help="image size in pixels (default: 112)")
     p.add_argument("--epochs", type=int, default=8, help="training epochs (default: 8)")
+    p.add_argument("--box-epochs", type=int, default=4,
+                   help="epochs of the garment box stage after training, so a search needs no box (default: 4; 0 = no box head)")
     p.add_argument("--preset", default="mmfl", help="model preset (default: mmfl)")
     p.add_argument("--backbone", default="mobilenet_v2", help="backbone (default: mobilenet_v2)")
     p.add_argument("--pretrained", default="imagenet", help="imagenet | none | PATH (default: imagenet)")
@@ -69,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     stage("train")
     baseline_cfg = load_config(args.preset, [*common, f"output_dir={out / 'baseline'}", "train.epochs=0"])
     baseline = train(baseline_cfg, progress=False)
-    cfg = load_config(args.preset, [*common, f"output_dir={out / 'run'}", f"train.epochs={args.epochs}"])
+    boxes = ["model.box_head=true", f"box.epochs={args.box_epochs}"] if args.box_epochs > 0 else []
+    cfg = load_config(args.preset, [*common, f"output_dir={out / 'run'}", f"train.epochs={args.epochs}", *boxes])
     result = train(cfg, progress=not args.no_progress)  # it logs each epoch's loss and speed itself
     done("train")
 
@@ -91,22 +95,23 @@ def run(args: argparse.Namespace) -> int:
     done("eval")
 
     stage("index + search")
+    from mmfl.catalog import Catalog
     from mmfl.index.build import build_index
-    from mmfl.index.search import Searcher
 
     report = build_index(load_model(checkpoint), catalog.split("test", "shop"), out / "index", progress=False,
                          catalog=catalog)
     print(f"indexed {report.manifest['count']} shop images -> {out / 'index'}")
     query = catalog.split("test", "consumer")[0]
-    searcher = Searcher(out / "index")
-    try:
-        answer = searcher.search_photo(query.path, k=5, bbox=query.box)
-    finally:
-        searcher.close()
     print(f"query {Path(query.path).relative_to(data.resolve())} (item {query.item_id}):")
-    for rank, hit in enumerate(answer["results"], 1):
-        mark = "  <- same item" if hit["item_id"] == query.item_id else ""
-        print(f"  {rank}. {hit['item_id']}  score {hit['score']:.3f}  {hit['category']}{mark}")
+    with Catalog.open(out / "index") as shop:
+        # the dataset's box, then no box: the box head's garment (or the whole photo without a head)
+        for answer in (shop.search(query.path, k=5, box=query.box), shop.search(query.path, k=5)):
+            asked = answer["query"]
+            box = "whole photo" if asked["bbox"] is None else "box " + ",".join(map(str, asked["bbox"]))
+            print(f" {box} [{asked['box_source']}: {asked['box_reason']}]")
+            for rank, hit in enumerate(answer["results"], 1):
+                mark = "  <- same item" if hit["item_id"] == query.item_id else ""
+                print(f"  {rank}. {hit['item_id']}  score {hit['score']:.3f}  {hit['category']}{mark}")
     done("index + search")
 
     from mmfl.report import write_report
@@ -114,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     notes = [
         f"data: {summary['items']} generated items at {args.size} px (seed {args.seed}); test split = "
         f"consumer queries vs shop gallery",
-        f"model: {args.preset} preset, {args.backbone} backbone ({args.pretrained} weights), {args.epochs} epochs",
+        f"model: {args.preset} preset, {args.backbone} backbone ({args.pretrained} weights), {args.epochs} epochs"
+        + (f", box head ({args.box_epochs} box epochs)" if args.box_epochs > 0 else ""),
         "stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()),
         f"index: {out / 'index'} (mmfl search {out / 'index'} IMAGE; mmfl serve {out / 'index'})",
     ]
