@@ -1,7 +1,7 @@
 """A live catalogue under search load: items added and removed over HTTP while clients search.
 
-The catalogue is a flat FAISS index of ``--vectors`` rows: ``--items`` real items (2 drawn shop
-photos each, embedded by an untrained resnet18 ``global`` model at 64 px) plus random unit
+The catalogue is a flat FAISS index of ``--vectors`` rows: ``--items`` real items (3 drawn shop
+photos each, ``bench/load.py``'s, embedded by an untrained resnet18 ``global`` model at 64 px) plus random unit
 vectors for the bulk (item ids ``bulk_N``, no image), written as one generation. It is served by
 ``mmfl serve --admin-token`` (real uvicorn, one process, 127.0.0.1). Then, for ``--cycles``
 rounds, one writer thread ``POST /items`` a new item (2 photos, embedded by the server) and
@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import platform
 import sys
 import tempfile
 import threading
@@ -35,57 +33,30 @@ import numpy as np
 
 from mmfl.serve.process import start_server, stop_server
 
+sys.path.insert(0, str(Path(__file__).parent))
+from load import build_index, draw_photo, machine  # noqa: E402  (the served-index recipe shared with the load bench)
+
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "bench-live-catalog-token-0123456789"
 TOP_K = 10
 
 
-def draw(item: int, variant: int, size: int = 64) -> bytes:
-    """PNG of item ``item``: its own colour, stripe spacing and ring, shifted by ``variant``."""
-    from PIL import Image, ImageDraw
-
-    rng = np.random.default_rng(item + 1000)
-    img = Image.new("RGB", (size, size), tuple(int(c) for c in rng.integers(20, 235, 3)))
-    pen = ImageDraw.Draw(img)
-    step = 3 + item % 9
-    for x in range(variant, size, step):
-        pen.line([(x, 0), (x, size)] if item % 2 else [(0, x), (size, x)], fill=(255, 255, 255), width=1 + item % 2)
-    pen.ellipse([6 + variant, 6 + item % 11, 40 + variant, 44], outline=(0, 0, 0), width=2)
+def draw(item: int, variant: int) -> bytes:
+    """PNG of item ``item`` (``bench/load.py``'s drawing: own colour, stripe spacing and ring), shifted by ``variant``."""
     out = io.BytesIO()
-    img.save(out, format="PNG")
+    draw_photo(item, variant).save(out, format="PNG")
     return out.getvalue()
 
 
 def build_catalogue(work: Path, items: int, vectors: int) -> Path:
-    """``work/index``: the real items indexed by ``build_index``, then grown with random unit vectors to ``vectors`` rows."""
-    import torch
-
-    from mmfl.checkpoint import atomic_save, load_model, model_payload
-    from mmfl.config import config_to_dict, load_config
-    from mmfl.data.formats import read_dataset
-    from mmfl.index import build_index, open_store
+    """``work/index``: the real items indexed by ``bench/load.py`` (``mmfl index``), then grown with random unit
+    vectors to ``vectors`` rows."""
+    from mmfl.index import open_store
     from mmfl.index.build import commit_generation
     from mmfl.index.faiss_store import write_faiss_generation
     from mmfl.index.store import Entry, new_generation, utc_now
-    from mmfl.models import build_model
 
-    gallery = work / "gallery"
-    gallery.mkdir(parents=True)
-    rows = ["path,item_id,domain,split,category"]
-    for item in range(items):
-        for variant in range(2):
-            (gallery / f"item{item:03d}_{variant}.png").write_bytes(draw(item, variant))
-            rows.append(f"item{item:03d}_{variant}.png,item{item:03d},shop,test,{('dress', 'top')[item % 2]}")
-    (gallery / "dataset.csv").write_text("\n".join(rows) + "\n")
-    torch.manual_seed(0)
-    cfg = load_config("global", ["model.backbone=resnet18", "model.pretrained=none", "input.size=64"])
-    atomic_save(model_payload(build_model(cfg, items, 0, 0), {
-        "config": config_to_dict(cfg), "num_items": items, "num_attributes": 0, "num_categories": 0,
-        "attribute_names": [], "category_names": [],
-    }), work / "model.pt")
-    index = work / "index"
-    build_index(load_model(work / "model.pt"), read_dataset(gallery, "csv").split("test", domain="shop"), index,
-                progress=False)
+    index = build_index(work, items, 64)
     store = open_store(index)
     bulk = vectors - len(store)
     rng = np.random.default_rng(0)
@@ -210,9 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             tracebacks = (work / "server.log").read_text(errors="replace").count("Traceback")
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg(),
-                    "note": "shared machine: clients and server on the same cores as other jobs"},
-        "catalogue": f"flat FAISS, {args.vectors} rows: {args.items} drawn items x 2 photos (untrained resnet18 global, "
+        "machine": machine("shared machine: clients and server on the same cores as other jobs"),
+        "catalogue": f"flat FAISS, {args.vectors} rows: {args.items} drawn items x 3 photos (untrained resnet18 global, "
                      f"64 px, 512-d) + random unit vectors; built in {build_s:.0f} s",
         "server": "mmfl serve --admin-token (1 process, uvicorn, 127.0.0.1)",
         **result,

@@ -47,6 +47,11 @@ REPO = Path(__file__).resolve().parents[1]
 TOP_K = 5
 
 
+def machine(note: str) -> dict[str, Any]:
+    """Where a served-index bench ran: the load average at the end says how shared the cores were."""
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg(), "note": note}
+
+
 # ----------------------------------------------------------------------------- the served index
 
 def draw_photo(item: int, variant: int, size: int = 96) -> Any:
@@ -367,8 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             tracebacks = (work / "server.log").read_text(errors="replace").count("Traceback")
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg(),
-                    "note": "shared machine: client and server on the same cores as other jobs"},
+        "machine": machine("shared machine: client and server on the same cores as other jobs"),
         "index": str(args.index) if args.index else f"drawn: {args.items} items x 3 shop photos, untrained resnet18 "
                                                     f"global at {args.size} px, flat FAISS",
         "server": f"mmfl serve --max-upload-mb {args.max_upload_mb} (1 process)",
