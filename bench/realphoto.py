@@ -92,7 +92,7 @@ METRICS = ("top1", "top5", "top10", "top20", "mAP")
 COMPARISONS: tuple[tuple[str, str], ...] = (
     ("mmfl", "mgn"), ("mmfl", "global"), ("mgn", "global"), ("mmfl+frozen-bn", "mmfl"),
     ("+batch-hard", "id-only"), ("+improved", "+batch-hard"), ("+center", "+improved"), ("+attributes", "+center"),
-    *((v, "mmfl") for v in DESIGN_VARIANTS),
+    *((v, "mmfl") for v in DESIGN_VARIANTS), ("mmfl-fuse45", "mgn"),
 )
 #: Metrics the paired comparisons test.
 PAIRED_METRICS = ("top1", "mAP")
