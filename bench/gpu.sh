@@ -11,7 +11,10 @@
 # (bench/realphoto.py --device cuda), stopped after REALPHOTO_TIMEOUT_S seconds (default 270;
 # it writes its JSON after every variant, so a stop keeps what finished). REALPHOTO_ITEMS caps
 # the training items (the seeded subset bench/realphoto.py --items would pick), REALPHOTO_VARIANTS
-# orders the variants. Extra arguments go to bench/gpu_bench.py.
+# orders the variants, REALPHOTO_PROTOCOL picks the views (default hard: the standard views are
+# saturated at this size; hard adds 2,000 distractor photos from the train split, so it trains on
+# the other 1,068 unless REALPHOTO_ITEMS says otherwise).
+# Extra arguments go to bench/gpu_bench.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench-out}"
@@ -35,9 +38,12 @@ if [ "${GPU_TESTS:-1}" != 0 ] && "$python" -c "import pytest, torch; assert torc
     2>&1 | tee -a "$out/gpu_tests.log" || status=$?
 fi
 if [ -n "${REALPHOTO_SRC:-}" ]; then
-  variants="${REALPHOTO_VARIANTS:-mmfl,mmfl+frozen-bn,+batch-hard,+improved,mgn,global,imagenet-only,id-only,+attributes}"
+  protocol="${REALPHOTO_PROTOCOL:-hard}"
+  items="${REALPHOTO_ITEMS:-}"
+  if [ "$protocol" = hard ] && [ -z "$items" ]; then items=1068; fi
+  variants="${REALPHOTO_VARIANTS:-mmfl,mgn,mmfl-fuse345,mmfl+frozen-bn,+batch-hard,+improved,global,imagenet-only}"
   timeout "${REALPHOTO_TIMEOUT_S:-270}" "$python" bench/realphoto.py --device cuda --src "$REALPHOTO_SRC" \
-    ${REALPHOTO_ITEMS:+--items "$REALPHOTO_ITEMS"} --seeds 0 --variants "$variants" --quiet \
+    --protocol "$protocol" ${items:+--items "$items"} --seeds 0 --variants "$variants" --quiet \
     --work "${TMPDIR:-/tmp}/mmfl-realphoto-cuda" --json "$out/realphoto_cuda.json" 2>&1 \
     | tee "$out/realphoto_cuda.log" || status=$?
 fi

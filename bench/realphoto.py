@@ -9,7 +9,9 @@ and evaluates, from the same ImageNet MobileNetV2 weights and at the same budget
   no training at all (what the ImageNet features alone give);
 * ``global``, ``mgn``, ``mmfl``: the three presets;
 * loss ablations of ``mmfl``: ``id-only``, ``+batch-hard``, ``+improved``, ``+center``,
-  ``+attributes`` (the 10 classes as a category target).
+  ``+attributes`` (the 10 classes as a category target);
+* on request (``--variants``), ``mmfl-fuse345`` (the ``mmfl`` preset until 2026-12-02, whose neck
+  fused levels 3..5) and the design variants of it that decided the switch to levels 4..5.
 
 Training uses ``train/`` photos, evaluation the ``validation/`` photos: gallery = their clean
 photos, queries = their views. ``--protocol hard`` renders harder views (non-rigid warp, partial
@@ -61,6 +63,7 @@ _MMFL_BRANCHES = (
 )
 #: variant -> (preset, overrides); ``None`` preset = no training (pooled ImageNet features).
 NO_AUX = ["loss.center_weight=0", "loss.attribute_weight=0"]
+FUSE345 = ["model.fusion_levels=[3,4,5]"]
 VARIANTS: dict[str, tuple[str | None, list[str]]] = {
     "imagenet-only": (None, []),
     "global": ("global", []),
@@ -74,17 +77,23 @@ VARIANTS: dict[str, tuple[str | None, list[str]]] = {
                              "loss.category_weight=1.0"]),
     # a speed option, not an ablation: the backbone's BN statistics and affine frozen at ImageNet's
     "mmfl+frozen-bn": ("mmfl", ["model.backbone_norm=frozen"]),
-    # Design variants of ``mmfl`` (named before any run on the hard protocol, to be run only if
-    # ``mmfl`` does not beat ``mgn`` there): neck width, fused levels, where the local branch
-    # reads, branch width. Not in the default variant list.
-    "mmfl-neck128": ("mmfl", ["model.neck_width=128"]),
+    # The ``mmfl`` preset until 2026-12-02 (the neck fused levels 3..5); the hard protocol's tables
+    # before the switch call it ``mmfl``. Kept so the decision to fuse 4..5 can be re-run.
+    "mmfl-fuse345": ("mmfl", FUSE345),
+    "mmfl-fuse345+frozen-bn": ("mmfl", [*FUSE345, "model.backbone_norm=frozen"]),
+    # Design variants of that preset (named before any run on the hard protocol, run because it
+    # did not beat ``mgn`` there): neck width, fused levels, where the local branch reads, branch
+    # width. Not in the default variant list. ``mmfl-fuse45`` won and is the ``mmfl`` preset now.
+    "mmfl-neck128": ("mmfl", [*FUSE345, "model.neck_width=128"]),
     "mmfl-fuse45": ("mmfl", ["model.fusion_levels=[4,5]"]),
     # the local branch on the backbone's level 4 instead of the fused map: no branch reads the neck, so it goes
-    "mmfl-local-bb": ("mmfl", ["model.fusion=none",
+    "mmfl-local-bb": ("mmfl", [*FUSE345, "model.fusion=none",
                                "model.branches=" + _MMFL_BRANCHES.format(local_source="backbone", local_dim=128)]),
-    "mmfl-local256": ("mmfl", ["model.branches=" + _MMFL_BRANCHES.format(local_source="fused", local_dim=256)]),
+    "mmfl-local256": ("mmfl", [*FUSE345, "model.branches=" + _MMFL_BRANCHES.format(local_source="fused",
+                                                                                   local_dim=256)]),
 }
-DESIGN_VARIANTS = ("mmfl-neck128", "mmfl-fuse45", "mmfl-local-bb", "mmfl-local256")
+DESIGN_VARIANTS = ("mmfl-fuse345", "mmfl-fuse345+frozen-bn", "mmfl-neck128", "mmfl-fuse45", "mmfl-local-bb",
+                   "mmfl-local256")
 #: The preset comparison; every other trained variant is a loss ablation or design variant of ``mmfl``.
 PRESET_VARIANTS = ("global", "mgn", "mmfl")
 METRICS = ("top1", "top5", "top10", "top20", "mAP")
@@ -92,7 +101,8 @@ METRICS = ("top1", "top5", "top10", "top20", "mAP")
 COMPARISONS: tuple[tuple[str, str], ...] = (
     ("mmfl", "mgn"), ("mmfl", "global"), ("mgn", "global"), ("mmfl+frozen-bn", "mmfl"),
     ("+batch-hard", "id-only"), ("+improved", "+batch-hard"), ("+center", "+improved"), ("+attributes", "+center"),
-    *((v, "mmfl") for v in DESIGN_VARIANTS), ("mmfl-fuse45", "mgn"),
+    *((v, "mmfl-fuse345") for v in DESIGN_VARIANTS if v != "mmfl-fuse345"), ("mmfl-fuse345", "mgn"),
+    ("mmfl", "mmfl-fuse345"),
 )
 #: Metrics the paired comparisons test.
 PAIRED_METRICS = ("top1", "mAP")
@@ -223,7 +233,8 @@ def run_trained(variant: str, seed: int, s: dict[str, Any], data_root: Path, wor
     cached = _cached_row(out, resolved, s["distractors"])
     if cached is not None:
         _log(f"[{variant} seed {seed}] reusing the finished run in {out}")
-        return cached
+        # the config check proved it trained exactly this variant, whatever name it was saved under
+        return {**cached, "variant": variant, "overrides": extra}
     if out.exists():  # an unfinished earlier run: start clean rather than append to its logs
         shutil.rmtree(out)
     _log(f"[{variant} seed {seed}] training -> {out}")
@@ -242,8 +253,8 @@ def run_trained(variant: str, seed: int, s: dict[str, Any], data_root: Path, wor
         "final_loss": round(float(epochs[-1]["loss"]), 4) if epochs else None,
         "overrides": extra,
     }
-    (out / "result.json").write_text(json.dumps({"config": resolved, "distractors": s["distractors"], "row": row},
-                                                indent=1) + "\n")
+    atomic_write_text(out / "result.json", json.dumps({"config": resolved, "distractors": s["distractors"], "row": row},
+                                                      indent=1) + "\n")
     return row
 
 
@@ -351,9 +362,27 @@ def _cached_row(out: Path, resolved: dict[str, Any], distractors: int) -> dict[s
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if saved.get("config") != resolved or saved.get("distractors", 0) != distractors:
+    if _trains_as(saved.get("config") or {}) != _trains_as(resolved) or saved.get("distractors", 0) != distractors:
         return None
     return saved["row"]
+
+
+def _trains_as(config: dict[str, Any]) -> dict[str, Any]:
+    """What decides a run's result: its config without the output folder (the run's own folder, named
+    after the variant) and without settings that are inert in it (fusion levels and neck width with no
+    neck, box-head settings with no box head), so a run saved before such a key existed or changed its
+    default is still reused."""
+    kept = json.loads(json.dumps(config))
+    kept.pop("output_dir", None)
+    model = kept.get("model", {})
+    if model.get("fusion", "none") == "none":
+        model.pop("fusion_levels", None)
+        model.pop("neck_width", None)
+    if not model.get("box_head", False):
+        for key in [k for k in model if k.startswith("box_")]:
+            del model[key]
+        kept.pop("box", None)
+    return kept
 
 
 def summarize(rows: list[dict[str, Any]], variants: list[str]) -> dict[str, dict[str, Any]]:

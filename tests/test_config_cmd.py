@@ -76,5 +76,5 @@ def test_keys_lists_type_choices_default_and_help(capsys) -> None:
     assert list(rows) == [k.key for k in schema_keys()]
     assert re.match(r"model\.backbone +one of resnet18\|resnet34\|resnet50\|resnet101\|mobilenet_v2 +resnet50 +# "
                     + re.escape(HELP["model.backbone"]), rows["model.backbone"])
-    assert re.match(r"model\.fusion_levels +list of int +\[3, 4, 5\] +# ", rows["model.fusion_levels"])
+    assert re.match(r"model\.fusion_levels +list of int +\[4, 5\] +# ", rows["model.fusion_levels"])
     assert re.match(r"model\.branches\[\]\.dim +int +256 +# ", rows["model.branches[].dim"])

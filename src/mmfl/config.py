@@ -78,7 +78,7 @@ class ModelConfig:
     freeze_stages: int = 0  # backbone stages (0..4) kept frozen, for small CPU budgets
     backbone_norm: Literal["bn", "frozen"] = "bn"  # frozen: ImageNet BN statistics and affine kept fixed
     fusion: Literal["none", "topdown", "bidirectional"] = "none"
-    fusion_levels: list[int] = field(default_factory=lambda: [3, 4, 5])
+    fusion_levels: list[int] = field(default_factory=lambda: [4, 5])  # 4..5 beat 3..5: docs/RESULTS.md, "Hard protocol"
     neck_width: int = 256
     branches: list[BranchSpec] = field(default_factory=lambda: [BranchSpec()])
     attribute_head: bool = True

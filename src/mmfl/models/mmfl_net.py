@@ -230,7 +230,7 @@ class MMFLNet(nn.Module):
         num_attributes: int = 0,
         num_categories: int = 0,
         fusion: str = "none",
-        fusion_levels: Sequence[int] = (3, 4, 5),
+        fusion_levels: Sequence[int] = (4, 5),
         neck_width: int = 256,
         box_head: bool = False,
         box_level: int = 4,
