@@ -34,6 +34,7 @@ in its run folder and is reused when the benchmark is started again with the sam
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import os
@@ -372,7 +373,7 @@ def _trains_as(config: dict[str, Any]) -> dict[str, Any]:
     after the variant) and without settings that are inert in it (fusion levels and neck width with no
     neck, box-head settings with no box head), so a run saved before such a key existed or changed its
     default is still reused."""
-    kept = json.loads(json.dumps(config))
+    kept = copy.deepcopy(config)
     kept.pop("output_dir", None)
     model = kept.get("model", {})
     if model.get("fusion", "none") == "none":
@@ -565,11 +566,13 @@ def _run(args: argparse.Namespace, s: dict[str, Any], src: Path, work: Path, jso
 
 
 def _effective(s: dict[str, Any], variant: str, data_root: Path, has_attributes: bool) -> dict[str, Any]:
-    """The config a variant trains with, minus seed, output folder and inert switches (to spot duplicates)."""
+    """The config a variant trains with, minus seed, output folder and inert switches (to spot duplicates):
+    :func:`_trains_as`, plus a category head without weight and, on data without attribute labels, the
+    attribute head counted as absent."""
     from mmfl.config import config_to_dict
 
     preset, extra = VARIANTS[variant]
-    cfg = config_to_dict(load_config(preset, base_overrides(s, data_root, Path("runs"), 0) + extra))
+    cfg = _trains_as(config_to_dict(load_config(preset, base_overrides(s, data_root, Path("runs"), 0) + extra)))
     if not cfg["model"]["category_head"] or cfg["loss"]["category_weight"] == 0:
         cfg["model"]["category_head"], cfg["loss"]["category_weight"] = False, 0.0
     if not has_attributes:  # no attribute annotations: the attribute head and loss are never built
