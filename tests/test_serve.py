@@ -184,7 +184,17 @@ def test_responses_carry_image_urls_never_server_paths(client: httpx.Client, ser
 
 def test_each_request_is_logged_once_with_method_path_status_and_ms(client: httpx.Client, served: Served) -> None:
     photo = (served.gallery / "id_01_shop_0.png").read_bytes()
-    done = len(served.log.read_text().splitlines())
+    # An earlier test's last line can still be on its way: count from the line of a marker request.
+    assert client.get("/log-marker").status_code == 404
+    deadline = time.monotonic() + 30
+    while True:
+        marked = [i for i, line in enumerate(served.log.read_text().splitlines())
+                  if (m := REQUEST_LINE.match(line)) and m[2] == "/log-marker"]
+        if marked:
+            break
+        assert time.monotonic() < deadline, "the marker request was never logged"
+        time.sleep(0.1)
+    done = marked[-1] + 1
     requests = [("GET", "/facets", 200, lambda: client.get("/facets")),
                 ("POST", "/search", 200, lambda: post_image(client, photo, k=2)),
                 ("POST", "/search", 400, lambda: post_image(client, b"junk" * 40, name="junk.png")),
