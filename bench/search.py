@@ -381,15 +381,15 @@ def default_dim() -> int:
 
 def ivf_nlist(n: int) -> int:
     """The index module's documented nlist (4 sqrt(N), at least 39 training vectors per list)."""
-    from mmfl.index.faiss_store import ivf_nlist as documented
+    from mmfl.index.ann import ivf_nlist as documented
 
     return documented(n)
 
 
 def hnsw_defaults() -> tuple[int, int, int]:
-    from mmfl.index import faiss_store
+    from mmfl.index import ann
 
-    return faiss_store.HNSW_M, faiss_store.HNSW_EF_CONSTRUCTION, faiss_store.HNSW_EF_SEARCH
+    return ann.HNSW_M, ann.HNSW_EF_CONSTRUCTION, ann.HNSW_EF_SEARCH
 
 
 def plan(args: argparse.Namespace, dim: int) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ from mmfl.config import config_to_dict, load_config
 from mmfl.data.formats import read_dataset
 from mmfl.errors import DataError
 from mmfl.index import Searcher, build_index, open_store, parse_filters, read_manifest
-from mmfl.index.labels import AttributeDecoder
+from mmfl.labels import AttributeDecoder
 from mmfl.models import build_model
 from mmfl.synth import generate
 from mmfl.synth.attributes import EXCLUSIVE_GROUPS

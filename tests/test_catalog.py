@@ -117,6 +117,34 @@ def test_added_item_is_found_and_a_removed_one_is_gone_also_after_reopening(inde
         assert catalog.images_of("id_03") == [] and len(catalog) == 2 * len(ITEMS) - 2
 
 
+def test_uploaded_photos_go_when_the_removal_of_their_items_commits(index: Path) -> None:
+    """A removed item's uploads are deleted by its removal (not at a later compaction); one that another live
+    item shares stays; a file no row names (what a killed writer leaves) goes at the next commit."""
+    only, shared, later = png("id_02", 5), png("id_04", 5), png("id_02", 6)
+    photos = (index / "photos").resolve()
+
+    def on_disk() -> set[str]:
+        return {str(p.resolve()) for p in photos.iterdir()}
+
+    with Catalog.open(index) as catalog:
+        catalog.add([only, shared], "first")
+        catalog.add([shared, later], "second")
+        first, second = catalog.images_of("first"), catalog.images_of("second")
+        assert first[1] == second[0] and on_disk() == {*first, *second}  # the shared upload is one file
+        assert catalog.remove(["first"]) == 1
+        assert on_disk() == set(second) and Path(second[0]).read_bytes() == shared
+        orphans = [photos / f"{n:032x}.png" for n in (1, 2)]
+        orphans[0].write_bytes(only)
+        catalog.add(np.eye(catalog.manifest["embed_dim"], dtype=np.float32)[:1], "vector_item")
+        assert on_disk() == set(second)
+        orphans[1].write_bytes(only)
+        catalog.remove(["id_05"])  # removes no upload of its own
+        assert on_disk() == set(second)
+        catalog.remove(["second"])
+        assert on_disk() == set()
+        assert catalog.search(shared, k=1)["results"][0]["item_id"] != "second"
+
+
 def test_vectors_can_be_added_and_searched_without_a_model(index: Path) -> None:
     with Catalog.open(index, with_model=False) as catalog:
         dim = catalog.manifest["embed_dim"]

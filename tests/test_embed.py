@@ -111,3 +111,49 @@ def test_bad_invocations_are_one_line(work: Path, gallery: Path, checkpoint: Pat
         assert embed(str(checkpoint), *argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and words in err and "\n" not in err
+
+
+def test_skip_bad_skips_counts_and_lists_bad_images_also_when_resumed(work: Path, gallery: Path, checkpoint: Path,
+                                                                     retriever: mmfl.Retriever, capsys) -> None:
+    """Without --skip-bad (or with --strict) a bad image is one line naming it; with it, each bad image is a
+    ``skipped:`` line on stderr and an entry of the output's ``skipped``, the rest is embedded as the API does,
+    and a resumed run reuses the chunk that skipped (listing it again)."""
+    import pyarrow.parquet as pq
+
+    folder = work / "with-bad"
+    folder.mkdir()
+    good = sorted(gallery.glob("id_0[0-1]_*.png"))
+    for photo in good:
+        (folder / photo.name).write_bytes(photo.read_bytes())
+    (folder / "broken.png").write_bytes(b"truncated")
+    reason = f"{folder / 'broken.png'}: cannot decode image (not a JPEG, PNG, WebP or other supported image format)"
+    out = work / "skipping.npy"
+    for strict in ([], ["--strict"]):
+        assert embed(str(checkpoint), str(folder), "--out", str(out), *strict) == 2
+        assert capsys.readouterr().err.strip() == f"error: {reason}"
+
+    out.mkdir()  # the final write fails after every chunk is done: the next run resumes from them
+    with pytest.raises(IsADirectoryError):
+        embed(str(checkpoint), str(folder), "--out", str(out), "--chunk-size", "4", "--skip-bad")
+    assert capsys.readouterr().err.count(f"skipped: {reason}\n") == 1
+    out.rmdir()
+    assert embed(str(checkpoint), str(folder), "--out", str(out), "--chunk-size", "4", "--skip-bad") == 0
+    captured = capsys.readouterr()
+    assert "resuming: 2 of 2 chunks" in captured.err and captured.err.count(f"skipped: {reason}\n") == 1
+    assert f": {len(good)} images, 1 skipped," in captured.out and "(2 chunks, 2 reused)" in captured.out
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert (meta["count"], meta["num_skipped"], meta["skipped"]) == (len(good), 1, [reason])
+    assert [r["id"] for r in meta["rows"]] == [p.name for p in good]
+    np.testing.assert_allclose(np.load(out), retriever.embed(good), atol=1e-5)
+
+    listing = work / "skip-list.txt"
+    listing.write_text(f"{good[0]}\nnowhere.png\n{folder / 'broken.png'}\n{good[1]}\n")
+    table = work / "skipping.parquet"
+    assert embed(str(checkpoint), str(listing), "--out", str(table), "--skip-bad") == 0
+    missing = f"{listing}:2: image {work / 'nowhere.png'} not found"
+    assert capsys.readouterr().err.splitlines() == [f"skipped: {missing}", f"skipped: {reason}"]
+    got = pq.read_table(table)
+    assert json.loads(got.schema.metadata[b"mmfl"])["skipped"] == [missing, reason]
+    assert got.column("path").to_pylist() == [str(good[0]), str(good[1])]
+    np.testing.assert_allclose(np.array(got.column("embedding").to_pylist(), np.float32), retriever.embed(good[:2]),
+                               atol=1e-5)

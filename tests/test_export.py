@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmfl.checkpoint import atomic_save, file_sha256, model_payload
+from mmfl.checkpoint import atomic_save, model_payload
+from mmfl.hashing import file_sha256
 from mmfl.cli import main
 from mmfl.config import config_to_dict, load_config
 from mmfl.errors import MMFLError

@@ -9,6 +9,7 @@ item is returned it is returned whole (both of its photos are in: the photograph
 from __future__ import annotations
 
 import io
+import os
 import random
 import signal
 import subprocess
@@ -26,6 +27,7 @@ import pytest
 from mmfl import Catalog
 from mmfl.checkpoint import load_model
 from mmfl.data.formats import read_dataset
+from mmfl.data.records import Record
 from mmfl.index import Entry, build_index, open_store, read_manifest
 
 from search_helpers import ITEMS, draw_item, make_served_index, start_server, stop_server
@@ -118,6 +120,31 @@ def test_item_endpoints_need_the_right_token(live: Live) -> None:
         bad = client.post("/items", headers={"Authorization": f"Bearer {TOKEN}"}, data={"item_id": "x"},
                           files={"photo": ("junk.png", b"not an image", "image/png")})
         assert bad.status_code == 400 and bad.json()["error"].startswith("uploaded image 'junk.png': ")
+
+
+def test_an_item_id_holding_a_slash_is_deleted_over_http(live: Live) -> None:
+    """A folder dataset's ids look like ``dresses/sku-1``: DELETE takes the id URL-encoded (``%2F``, as every
+    ``image_url`` carries it) or with the raw slash; other methods on such paths stay 404."""
+    slashed = "dresses/sku-1"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=live.base, timeout=60) as client:
+        count = client.get("/healthz").json()["count"]
+        for path in ("/items/dresses%2Fsku-1", "/items/dresses/sku-1"):
+            added = client.post("/items", headers=auth, data={"item_id": slashed},
+                                files={"photo": ("a.png", PHOTO_A, "image/png")})
+            assert added.status_code == 200 and added.json()["count"] == count + 1, added.text
+            first = top(client, PHOTO_A)[0]
+            assert first["item_id"] == slashed and first["image_url"] == "/items/dresses%2Fsku-1/image?n=0"
+            assert client.get(first["image_url"]).content == PHOTO_A
+            gone = client.delete(path, headers=auth)
+            assert gone.status_code == 200, gone.text
+            assert gone.json() == {"item_id": slashed, "removed": True, "count": count}
+            assert all(r["item_id"] != slashed for r in top(client, PHOTO_A, k=len(ITEMS)))
+        again = client.delete("/items/dresses%2Fsku-1", headers=auth)
+        assert again.status_code == 404 and again.json()["error"] == "item 'dresses/sku-1' is not in the catalogue"
+        assert client.delete("/items/dresses%2Fsku-1").status_code == 401
+        assert client.get("/items/dresses%2Fsku-1").status_code == 404
+        assert client.get("/items/id_01/anything").status_code == 404
 
 
 def test_batch_search_answers_each_photo(live: Live) -> None:
@@ -222,6 +249,25 @@ def test_a_killed_update_leaves_the_old_or_the_new_catalogue(tmp_path: Path) -> 
     assert len(store.images_of("kept")) == 2 and not store.images_of("id_02")
 
 
+def test_photos_of_a_removal_killed_after_its_commit_go_at_the_next_commit(tmp_path: Path) -> None:
+    """SIGKILL between a removal's commit and the deletion of its uploads: the files stay (orphans, no row
+    names them), the next commit deletes them, and an upload a live item shares is never deleted."""
+    index = make_served_index(tmp_path)
+    with Catalog.open(index) as catalog:
+        catalog.add([PHOTO_A, PHOTO_B], "doomed")
+        catalog.add([PHOTO_B], "kept")
+        only, shared = catalog.images_of("doomed")
+        assert catalog.images_of("kept") == [shared]
+    proc = subprocess.run([sys.executable, "-c", _kill_script(index, "after", "catalog.remove(['doomed'])")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert Path(only).is_file() and Path(shared).is_file()  # committed, not yet tidied
+    with Catalog.open(index, with_model=False) as catalog:
+        assert catalog.images_of("doomed") == [] and catalog.images_of("kept") == [shared]
+        catalog.remove(["id_04"])  # the next commit
+    assert not Path(only).exists() and Path(shared).read_bytes() == PHOTO_B
+
+
 def test_an_update_loop_killed_at_a_random_moment_leaves_whole_items(tmp_path: Path) -> None:
     index = make_served_index(tmp_path)
     loop = textwrap.dedent(f"""
@@ -247,6 +293,60 @@ def test_an_update_loop_killed_at_a_random_moment_leaves_whole_items(tmp_path: P
     with Catalog.open(index, with_model=False) as catalog:  # and it takes the next update
         catalog.remove(sorted(added))
         assert len(catalog) == 2 * len(ITEMS)
+
+
+def writer_once_read(fifo: Path, reader: threading.Thread, timeout: float = 120.0) -> io.BufferedWriter:
+    """The write end of named pipe ``fifo``, opened once a reader has opened it (failing, not hanging, when
+    ``reader`` ends first or ``timeout`` passes)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO while nobody reads it
+        except OSError:
+            assert reader.is_alive() and time.monotonic() < deadline, f"nothing opened {fifo}"
+            time.sleep(0.01)
+            continue
+        os.set_blocking(fd, True)
+        return open(fd, "wb")
+
+
+def test_index_add_embeds_without_holding_the_writer_lock(tmp_path: Path) -> None:
+    """``mmfl index --add`` (build_index with add) in a thread, held mid-embedding by a photo that is a named
+    pipe: meanwhile a live add and a removal commit at once (they used to wait for the whole embedding,
+    then fail after 60 s), and the build then skips the photo the live add indexed before it."""
+    index = make_served_index(tmp_path)
+    model = load_model(tmp_path / "model.pt")
+    fresh = {name: png(ITEMS[n], 6) for n, name in enumerate(("new_a.png", "new_b.png"))}
+    for name, data in fresh.items():
+        (tmp_path / name).write_bytes(data)
+    gate = tmp_path / "gate.png"
+    os.mkfifo(gate)
+    records = [Record(str(tmp_path / name), name[:-4], "shop", "test") for name in ("gate.png", *fresh)]
+    outcome: dict[str, object] = {}
+
+    def add() -> None:
+        try:
+            outcome["report"] = build_index(model, records, index, add=True, progress=False)
+        except BaseException as exc:  # re-raised by the test
+            outcome["error"] = exc
+
+    builder = threading.Thread(target=add)
+    builder.start()
+    with writer_once_read(gate, builder) as pipe:  # the build has opened the photo: it is embedding
+        with Catalog.open(index) as catalog:
+            start = time.monotonic()
+            assert catalog.add([tmp_path / "new_a.png"], "added_live")["added"] == 1
+            assert catalog.remove(["id_01"]) == 1
+            assert time.monotonic() - start < 30 and builder.is_alive()
+        pipe.write(png(ITEMS[3], 6))
+    builder.join(timeout=300)
+    assert "error" not in outcome, outcome.get("error")
+    report = outcome["report"]
+    assert (report.added, report.already_indexed, report.count) == (2, 1, 2 * len(ITEMS) - 2 + 3)
+    store = open_store(index)
+    assert len(store) == report.count and not store.images_of("id_01") and not store.images_of("new_a")
+    assert store.images_of("added_live") == [str((tmp_path / "new_a.png").resolve())]
+    assert store.images_of("gate") == [str(gate.resolve())] and len(store.images_of("new_b")) == 1
 
 
 def release_milvus_lite(index: Path) -> None:

@@ -10,14 +10,16 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
-from mmfl import Catalog
+from mmfl import Catalog, Retriever
 from mmfl.checkpoint import load_model
 from mmfl.cli import main
 from mmfl.errors import DataError, MMFLError
@@ -70,6 +72,41 @@ def test_search_without_a_box_uses_the_predicted_one(catalog: Catalog, photo: Pa
     assert main(["search", str(boxed.index), str(photo), "--top-k", "5"]) == 0
     head = capsys.readouterr().out.splitlines()[0]
     assert head.startswith(f"query 96x96 box {','.join(map(str, q['bbox']))} [predicted: {q['box_reason']}] ({len(answer['results'])} items")
+
+
+_OPENS: dict[str, int] = {}
+
+
+def _count_opens(event: str, args: tuple) -> None:
+    if event == "open" and isinstance(args[0], (str, Path)) and str(args[0]) in _OPENS:
+        _OPENS[str(args[0])] += 1
+
+
+sys.addaudithook(_count_opens)  # Python's audit event for every open() of a file: how often a photo is read
+
+
+def opens_of(photo: Path, call: Callable[[], object]) -> int:
+    """How many times ``call`` opens the file ``photo``."""
+    _OPENS[str(photo)] = 0
+    try:
+        call()
+        return _OPENS[str(photo)]
+    finally:
+        del _OPENS[str(photo)]
+
+
+def test_a_search_reads_and_decodes_the_photo_once(catalog: Catalog, photo: Path) -> None:
+    """The box head's detection and the embedding of its box read one decode of the photo (they decoded it
+    once each before), whichever box is searched; the results are those of the predicted box given by hand."""
+    answers = []
+    assert opens_of(photo, lambda: answers.append(catalog.search(photo, k=5))) == 1
+    assert answers[0]["query"]["box_source"] == "predicted"
+    assert opens_of(photo, lambda: catalog.search_garments(photo, k=2)) == 1
+    assert opens_of(photo, lambda: catalog.search(photo, k=2, whole_image=True)) == 1
+    assert opens_of(photo, lambda: catalog.search(photo, k=2, box=(5, 5, 60, 70))) == 1
+    assert opens_of(photo, lambda: catalog.search_many([photo, photo], k=2)) == 2
+    by_hand = catalog.search(photo, k=5, box=tuple(answers[0]["query"]["bbox"]))
+    assert by_hand["results"] == answers[0]["results"]
 
 
 def test_whole_image_turns_the_predicted_box_off(catalog: Catalog, photo: Path, boxed: BoxedIndex,
@@ -209,6 +246,22 @@ def test_onnx_catalog_uses_the_exported_box_graph(boxed: BoxedIndex, exported: P
     with pytest.raises(MMFLError, match=r"model\.boxes\.onnx: exported from another checkpoint") as err:
         Catalog.open(boxed.index, onnx=alone)
     assert "\n" not in str(err.value)
+
+
+def test_onnx_retriever_predicts_the_checkpoints_boxes(boxed: BoxedIndex, exported: Path) -> None:
+    """``Retriever.load(model.onnx)`` with the box graph beside it detects as the checkpoint does (boxes to a
+    pixel, scores to 1e-4, same categories) and embeds each predicted box alike."""
+    photos = boxed.consumer_photos()[:4]
+    torch_side, onnx_side = Retriever.load(boxed.checkpoint), Retriever.load(exported)
+    assert torch_side.has_box_head and onnx_side.has_box_head
+    found, want = onnx_side.detect(photos, min_score=0.0), torch_side.detect(photos, min_score=0.0)
+    assert [len(f) for f in found] == [len(w) for w in want] and all(found)
+    for got, ref in zip((d for f in found for d in f), (d for w in want for d in w)):
+        assert got.category == ref.category and abs(got.score - ref.score) < 1e-4
+        assert max(abs(a - b) for a, b in zip(got.box, ref.box)) <= 1
+    boxes = [w[0].box for w in want]
+    assert float(np.abs(onnx_side.embed(photos, boxes) - torch_side.embed(photos, boxes)).max()) < 1e-4
+    assert [len(f) for f in torch_side.detect(photos)] == [len([d for d in w if d.score >= MIN_SCORE]) for w in want]
 
 
 def test_onnx_server_uses_the_box_graph(boxed: BoxedIndex, exported: Path, photo: Path, tmp_path: Path) -> None:

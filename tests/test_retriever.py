@@ -14,7 +14,7 @@ import mmfl
 from mmfl.cli import main
 from mmfl.data.images import open_image
 from mmfl.errors import CheckpointError, DataError, MMFLError
-from mmfl.index.labels import AttributeDecoder
+from mmfl.labels import AttributeDecoder
 from mmfl.index.search import embed_query
 
 from search_helpers import ATTRIBUTES
@@ -119,6 +119,33 @@ def test_load_refuses_a_missing_checkpoint_in_one_line(tmp_path: Path) -> None:
         mmfl.Retriever.load(tmp_path / "none.pt")
     with pytest.raises(MMFLError, match="checkpoint: expected a path"):
         mmfl.Retriever.load(["model.pt"])
+
+
+def test_onnx_export_embeds_and_predicts_as_the_checkpoint(retriever: mmfl.Retriever, checkpoint: Path,
+                                                           photos: list[Path], tmp_path: Path) -> None:
+    """``Retriever.load(model.onnx)`` runs the exported graph with ONNX Runtime: the PyTorch Retriever's vectors
+    (max abs diff under 1e-4), attribute probabilities and decisions, and the same facts about itself."""
+    from mmfl.export import export_onnx
+
+    graph = tmp_path / "model.onnx"
+    export_onnx(retriever.model, graph, retriever.input_size)
+    onnx = mmfl.Retriever.load(graph)
+    assert (onnx.runtime, retriever.runtime) == ("onnxruntime", "pytorch")
+    assert (onnx.embed_dim, onnx.input_size, onnx.attribute_names, onnx.checkpoint_sha256) == \
+           (retriever.embed_dim, retriever.input_size, retriever.attribute_names, retriever.checkpoint_sha256)
+    boxes = [BOX if i % 2 else None for i in range(len(photos))]
+    ours, theirs = onnx.embed(photos, boxes, batch_size=5), retriever.embed(photos, boxes)
+    assert ours.shape == theirs.shape and float(np.abs(ours - theirs).max()) < 1e-4
+    for got, want in zip(onnx.predict(photos[:4]), retriever.predict(photos[:4])):
+        np.testing.assert_allclose(got.attribute_probs, want.attribute_probs, atol=1e-4)
+        assert got.attributes == want.attributes and got.category is None
+    assert not onnx.has_box_head and not retriever.has_box_head
+    with pytest.raises(MMFLError, match=r"model\.onnx: cannot detect garments: model has no box head \(no box graph"):
+        onnx.detect(photos[:1])
+    with pytest.raises(MMFLError, match="runs with ONNX Runtime on the CPU; use device='cpu', not 'cuda'"):
+        mmfl.Retriever.load(graph, device="cuda")
+    with pytest.raises(MMFLError, match="none.onnx: ONNX file not found"):
+        mmfl.Retriever.load(tmp_path / "none.onnx")
 
 
 def test_import_mmfl_stays_light() -> None:

@@ -13,7 +13,7 @@ them out. Definitions:
 * **Thresholds** (:func:`choose_thresholds`): per attribute, the cut on the probability that
   maximises F1 on a split's known labels (after training: the validation split), placed half-way
   between the last score kept and the next one. An attribute without a known positive there
-  keeps :data:`~mmfl.index.labels.DEFAULT_THRESHOLD`.
+  keeps :data:`~mmfl.labels.DEFAULT_THRESHOLD`.
 * **Prior baseline**: every image scored with the attribute's positive rate among the known
   labels of the training split's images; its thresholds are chosen on the validation split by
   the same rule and the same exclusive groups apply, so it predicts the most common value of each
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from mmfl.data.records import Catalog, Record
-from mmfl.index.labels import DEFAULT_THRESHOLD, AttributeDecoder
+from mmfl.labels import DEFAULT_THRESHOLD, AttributeDecoder
 
 
 def _known_ranked(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

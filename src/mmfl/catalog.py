@@ -23,6 +23,9 @@ update path:
   wins. Adds never use a predicted box: shop photos keep their given box or the whole image.
 * **Bounded journal.** When the rows added or removed since the generation was written exceed
   :func:`compaction_threshold`, the journal is folded into a new generation (FAISS).
+* **Uploaded photos** are kept in ``INDEX/photos`` while a live row names them: each commit
+  deletes the ones no row names (:func:`~mmfl.index.build.remove_unnamed_photos`), so a removed
+  item's photos go with its removal, and what a killed writer left goes at the next commit.
 """
 from __future__ import annotations
 
@@ -39,13 +42,12 @@ from PIL import Image
 from mmfl.atomic import atomic_write
 from mmfl.data.records import Box
 from mmfl.errors import DataError, MMFLError
-from mmfl.index.build import PHOTOS, check_compatible, compact, model_input_size
-from mmfl.index.labels import ANNOTATED, PREDICTED
+from mmfl.index.backends import open_store
+from mmfl.index.build import PHOTOS, check_compatible, compact, remove_unnamed_photos
+from mmfl.labels import ANNOTATED, PREDICTED
 from mmfl.index.search import Searcher, embed_inputs
-from mmfl.index.store import (
-    Entry, Filter, GalleryStore, manifest_path, name_list, open_store, read_manifest, writer_lock,
-)
-from mmfl.retriever import check_box_value, check_boxes, model_input
+from mmfl.index.store import Entry, Filter, GalleryStore, manifest_path, name_list, read_manifest, writer_lock
+from mmfl.model_input import check_box_value, check_boxes, model_input, model_input_size
 
 #: Longest item id, category or attribute name (the Milvus schema's limits).
 MAX_ID_CHARS = 512
@@ -271,7 +273,7 @@ class Catalog:
                         self._store_photo(files[i][0], files[i][1])
                 store = store.with_added(vectors[keep], [entries[i] for i in keep])
                 self._swap(store, _stamp(self.index_dir))
-                self._compact_if_due()
+                self._after_commit()
         return {"item_id": item_id, "added": len(keep), "already_indexed": len(files) - len(keep), "count": len(self)}
 
     def _embed_for_add(self, sources: list[Photo], boxes: list[Box | None], labels: list[str], item_id: str,
@@ -338,7 +340,7 @@ class Catalog:
             if known:
                 store, _ = store.with_removed(known)
                 self._swap(store, _stamp(self.index_dir))
-                self._compact_if_due()
+                self._after_commit()
         return len(known)
 
     def compact(self) -> None:
@@ -346,11 +348,15 @@ class Catalog:
         with self._lock, writer_lock(self.index_dir):
             self._catch_up()
             self._swap(compact(self.searcher.store), _stamp(self.index_dir))
+            remove_unnamed_photos(self.searcher.store)
 
-    def _compact_if_due(self) -> None:
+    def _after_commit(self) -> None:
+        """(Holding the writer lock, after an update's commit.) Compact when the journal is due, and delete the
+        uploaded photos no live row names: a removed item's photos go with its removal."""
         store = self.searcher.store
         if store.pending_rows() > compaction_threshold(len(store)):
             self._swap(compact(store), _stamp(self.index_dir))
+        remove_unnamed_photos(self.searcher.store)
 
     def close(self) -> None:
         for store in [*self._retired, self.searcher.store]:

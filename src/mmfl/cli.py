@@ -12,7 +12,7 @@ import importlib
 import sys
 
 from mmfl import __version__
-from mmfl.errors import MMFLError
+from mmfl.errors import MMFLError, one_line
 
 #: subcommand -> (module under mmfl.commands, one-line help); order is the order in --help.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -73,17 +73,6 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     if overrides:
         args.overrides = [*args.overrides, *overrides]
     return args
-
-
-def one_line(exc: MMFLError) -> str:
-    """The error's own message. A DataLoader re-raises a worker's error with the worker's
-    traceback appended ("Caught DataError in DataLoader worker ..."); its last line holds the
-    original ``module.Class: message``."""
-    text = str(exc)
-    if text.startswith("Caught ") and "\n" in text:
-        last = text.rstrip().rsplit("\n", 1)[-1]
-        text = last.partition(": ")[2] or last
-    return text
 
 
 if __name__ == "__main__":

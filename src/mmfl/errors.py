@@ -20,3 +20,14 @@ class CheckpointError(MMFLError):
 
 class GalleryIndexError(MMFLError):
     """A gallery index is missing, corrupt or does not match the checkpoint."""
+
+
+def one_line(exc: MMFLError) -> str:
+    """The error's own message. A DataLoader re-raises a worker's error with the worker's
+    traceback appended ("Caught DataError in DataLoader worker ..."); its last line holds the
+    original ``module.Class: message``."""
+    text = str(exc)
+    if text.startswith("Caught ") and "\n" in text:
+        last = text.rstrip().rsplit("\n", 1)[-1]
+        text = last.partition(": ")[2] or last
+    return text

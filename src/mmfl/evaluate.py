@@ -27,7 +27,7 @@ from mmfl.attribute_metrics import evaluate_attributes
 from mmfl.data.records import Catalog, Record
 from mmfl.errors import DataError
 from mmfl.extract import Features, extract_features
-from mmfl.index.labels import AttributeDecoder
+from mmfl.labels import AttributeDecoder
 from mmfl.metrics import KS, RankResult, cmc, rank_queries, summarize
 
 UNKNOWN_CATEGORY = "unknown"

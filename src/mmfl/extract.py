@@ -5,8 +5,8 @@ Memory stays bounded by the batch: images are decoded by a DataLoader, embedded 
 
 Every embedding of a photo in mmfl goes through :func:`forward` (gallery extraction here,
 :class:`mmfl.Retriever`, searches and live adds in :mod:`mmfl.index.search` and :mod:`mmfl.catalog`),
-fed by :func:`mmfl.retriever.model_input` on the CPU path, so a photo gets one vector whichever
-command embeds it.
+fed by :mod:`mmfl.model_input` on the CPU path, so a photo gets one vector whichever command
+embeds it.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader
 from mmfl.data.dataset import EncodedRecordDataset
 from mmfl.data.gpu_decode import collate_encoded, eval_images
 from mmfl.data.records import Record
+from mmfl.model_input import InputDataset
 from mmfl.progress import progress as make_progress
-from mmfl.retriever import InputDataset
 
 
 @dataclass

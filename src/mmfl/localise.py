@@ -7,8 +7,10 @@ garment boxes (:mod:`mmfl.models.box_head`); this module turns them into boxes i
 own pixels and decides which box a search uses.
 
 ``mmfl search``, the HTTP service and the web page get this through :class:`mmfl.Catalog`
-(:meth:`mmfl.index.search.Searcher.choose_box`, which also scales boxes from a reduced JPEG
-decode to the full photo). The calls underneath::
+(:meth:`mmfl.index.search.Searcher.choose_box`), and :meth:`mmfl.Retriever.detect` directly;
+:func:`detect_in_photo` scales boxes from a reduced JPEG decode to the full photo, and
+:func:`load_box_detector` finds what predicts boxes (the model, or an ONNX export's box graph).
+The calls underneath::
 
     from mmfl.localise import box_settings, choose_box, detect, has_box_head
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,6 +48,8 @@ DEFAULT_MIN_SCORE = BoxConfig.min_score
 DEFAULT_MAX_BOXES = BoxConfig.max_boxes
 #: Category name of boxes from a head trained without categories.
 NO_CATEGORY = "garment"
+#: Why a search uses the whole photo when nothing predicts boxes.
+NO_BOX_HEAD = "model has no box head"
 
 
 @dataclass(frozen=True)
@@ -67,11 +72,40 @@ def has_box_head(model: Any) -> bool:
     return getattr(model, "box_head", None) is not None
 
 
+def load_box_detector(model: Any, onnx: str | Path | None) -> tuple[Any, str]:
+    """What predicts garment boxes for ``model`` (None if nothing does) and the reason given when nothing does.
+
+    A PyTorch model with a box head detects itself. An ONNX embedding graph uses the box graph
+    ``mmfl export`` wrote beside it (``NAME.boxes.onnx``) when there is one, refused unless exported
+    from the same checkpoint (its boxes would belong to other weights).
+    """
+    if onnx is None:
+        return (model, "") if has_box_head(model) else (None, NO_BOX_HEAD)
+    from mmfl.export import OnnxBoxDetector, box_graph_path
+
+    path = box_graph_path(onnx)
+    if not path.is_file():
+        return None, f"{NO_BOX_HEAD} (no box graph {path.name} beside the ONNX file)"
+    detector = OnnxBoxDetector(path)
+    if detector.meta["checkpoint_sha256"] != model.meta["checkpoint_sha256"]:
+        raise MMFLError(f"{path}: exported from another checkpoint than {onnx} (checkpoint sha256 "
+                        f"{detector.meta['checkpoint_sha256'][:12]} vs {model.meta['checkpoint_sha256'][:12]}); "
+                        "export both again with 'mmfl export'")
+    return detector, ""
+
+
 def box_settings(model: Any) -> dict[str, Any]:
     """The checkpoint's ``box`` settings (input size, max boxes, min score), with defaults for old configs."""
     box = ((getattr(model, "meta", None) or {}).get("config") or {}).get("box") or {}
     return {"size": int(box.get("size", DEFAULT_SIZE)), "max_boxes": int(box.get("max_boxes", DEFAULT_MAX_BOXES)),
             "min_score": float(box.get("min_score", DEFAULT_MIN_SCORE))}
+
+
+def check_min_score(min_score: float) -> float:
+    """A least detection score in [0, 1], or a one-line error."""
+    if isinstance(min_score, bool) or not isinstance(min_score, (int, float)) or not 0.0 <= min_score <= 1.0:
+        raise MMFLError(f"min_score={min_score!r}: must be a number in [0, 1]")
+    return float(min_score)
 
 
 def detect(model: Any, image: Image.Image, max_boxes: int | None = None,
@@ -105,6 +139,21 @@ def detect(model: Any, image: Image.Image, max_boxes: int | None = None,
             continue
         name = names[cat] if 0 <= cat < len(names) else NO_CATEGORY
         out.append(Detection(mapped, name, float(score), float(cat_score if names else 1.0)))
+    return out
+
+
+def detect_in_photo(model: Any, image: Image.Image, full: tuple[int, int], min_score: float = 0.0) -> list[Detection]:
+    """:func:`detect` on a photo decoded whole at a reduced scale (``image``, from
+    :func:`mmfl.model_input.open_photo` with ``min_size``), boxes in the full photo's ``full`` upright pixels."""
+    found = detect(model, image, min_score=min_score)
+    if image.size == full:
+        return found
+    sx, sy = full[0] / image.width, full[1] / image.height
+    out = []
+    for d in found:
+        box = clamp_box((d.box[0] * sx, d.box[1] * sy, d.box[2] * sx, d.box[3] * sy), *full)
+        if box is not None:
+            out.append(Detection(box, d.category, d.score, d.category_score))
     return out
 
 

@@ -3,38 +3,43 @@
 Engineers putting visual search on a shop want vectors and attribute names from Python without
 reading the CLI's source. A :class:`Retriever` holds one loaded model and turns photos (paths,
 encoded bytes or PIL images, each optionally with a garment box) into L2-normalised embeddings
-and decoded predictions. It adds no preprocessing of its own: every photo becomes model input
-through :func:`model_input` (decoded by :func:`mmfl.data.images.open_crop`, the decoder of training,
-turned upright, cropped, resized by :func:`mmfl.data.transforms.eval_transform`) and is embedded by
-:func:`mmfl.extract.forward`: the one path that ``mmfl index`` (:func:`mmfl.extract.extract_features`),
-``mmfl search``, the HTTP service and live adds (:mod:`mmfl.index.search`, :mod:`mmfl.catalog`)
-also take, so its vectors match an index built from the same checkpoint. ``mmfl embed`` is a thin
-command over this class.
+and decoded predictions. It adds no preprocessing of its own: every photo is checked and becomes
+model input in :mod:`mmfl.model_input` and is embedded by :func:`mmfl.extract.forward`, the path
+that ``mmfl index``, ``mmfl search``, the HTTP service and live adds also take, so its vectors
+match an index built from the same checkpoint. ``mmfl embed`` is a thin command over this class.
+
+``Retriever.load`` takes a checkpoint (``.pt``, PyTorch) or the graph ``mmfl export`` wrote from
+one (``.onnx``, run by ONNX Runtime on CPU, as ``mmfl serve --onnx`` does: a machine without
+torch's CUDA stack serves the same vectors). The export's box graph beside it
+(``NAME.boxes.onnx``) predicts garment boxes for :meth:`Retriever.detect` when present, as a
+checkpoint trained with ``model.box_head=true`` does.
 
 Inputs are checked before any work: a single path where a list is expected, a box list of
 another length, or a box with no area is one :class:`~mmfl.errors.MMFLError` line.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 
 import numpy as np
-from PIL import Image, ImageOps
 
-from mmfl.data.records import Box
-from mmfl.errors import DataError, MMFLError
+from mmfl.errors import MMFLError
+from mmfl.model_input import (
+    BoxInput, ImageInput, InputDataset, check_boxes, check_images, image_name, model_input, model_input_size,
+    open_photo,
+)
 
 if TYPE_CHECKING:
     import torch
 
-#: What one image may be: a file path, the encoded file's bytes, or a decoded PIL image.
-ImageInput = Union[str, "os.PathLike[str]", bytes, Image.Image]
-#: A garment box ``(x1, y1, x2, y2)`` in the full photo's pixels, or None for the whole photo.
-BoxInput = Union[Sequence[float], None]
+    from mmfl.localise import Detection
+
+# model_input is exported from here too: docs/api.md names the decode path mmfl.retriever.model_input.
+__all__ = ["ImagePrediction", "ProgressArg", "Retriever", "model_input"]
+
 #: ``progress`` of :meth:`Retriever.embed`: a bar on stderr (True), none (False), or a callback
 #: receiving the number of images finished with each batch.
 ProgressArg = Union[bool, Callable[[int], None]]
@@ -45,7 +50,7 @@ class ImagePrediction:
     """What the model says about one photo.
 
     ``attributes`` are decided as the index decides predicted attributes (the checkpoint's
-    per-attribute thresholds and exclusive groups, :class:`mmfl.index.labels.AttributeDecoder`),
+    per-attribute thresholds and exclusive groups, :class:`mmfl.labels.AttributeDecoder`),
     most probable first; ``attribute_probs`` has every attribute's probability in the order of
     :attr:`Retriever.attribute_names` (None without an attribute head), likewise
     ``category_probs`` for :attr:`Retriever.category_names`.
@@ -59,32 +64,57 @@ class ImagePrediction:
 
 
 class Retriever:
-    """One loaded checkpoint: photos in, embeddings and predictions out. Build it with :meth:`load`."""
+    """One loaded checkpoint (or its ONNX export): photos in, embeddings and predictions out. Build it with
+    :meth:`load`."""
 
-    def __init__(self, model: "torch.nn.Module", device: "torch.device") -> None:
-        """Wrap a model from :func:`mmfl.checkpoint.load_model` already on ``device``."""
-        from mmfl.index.labels import AttributeDecoder
+    def __init__(self, model: Any, device: "torch.device", onnx: str | os.PathLike[str] | None = None) -> None:
+        """Wrap a model from :func:`mmfl.checkpoint.load_model` already on ``device``, or an
+        :class:`mmfl.export.OnnxEmbedder` of the graph ``onnx`` (on the CPU; its box graph, if any, beside it)."""
+        from mmfl.labels import AttributeDecoder
+        from mmfl.localise import load_box_detector
 
         self.model = model.eval()
         self.device = device
         self._decoder = AttributeDecoder.from_meta(model.meta)
+        self._detector, self._no_box_reason = load_box_detector(model, onnx)
 
     @classmethod
     def load(cls, checkpoint: str | os.PathLike[str], device: str = "cpu") -> "Retriever":
-        """Load ``checkpoint`` (a ``.pt`` from ``mmfl train``) onto ``device`` (cpu, cuda, cuda:N or auto).
+        """Load ``checkpoint``: a ``.pt`` from ``mmfl train`` onto ``device`` (cpu, cuda, cuda:N or auto), or a
+        ``.onnx`` from ``mmfl export``, run by ONNX Runtime on the CPU (device cpu or auto).
 
-        A missing, corrupt or foreign file is a one-line :class:`~mmfl.errors.CheckpointError`.
+        A missing, corrupt or foreign file is a one-line :class:`~mmfl.errors.CheckpointError` (an
+        :class:`~mmfl.errors.MMFLError` for an ONNX file).
         """
         from mmfl.checkpoint import load_model
-        from mmfl.commands.common import resolve_device
+        from mmfl.devices import resolve_device
 
         if not isinstance(checkpoint, (str, os.PathLike)):
-            raise MMFLError(f"checkpoint: expected a path to a .pt file, got {type(checkpoint).__name__}")
+            raise MMFLError(f"checkpoint: expected a path to a .pt or .onnx file, got {type(checkpoint).__name__}")
+        if Path(checkpoint).suffix.lower() == ".onnx":
+            import torch
+
+            from mmfl.export import OnnxEmbedder
+
+            if device not in ("cpu", "auto"):
+                raise MMFLError(f"{checkpoint}: an ONNX graph runs with ONNX Runtime on the CPU; "
+                                f"use device='cpu', not {device!r}")
+            return cls(OnnxEmbedder(checkpoint), torch.device("cpu"), checkpoint)
         try:
             dev = resolve_device(device)
         except RuntimeError as exc:
             raise MMFLError(f"device {device!r}: {str(exc).splitlines()[0]}") from None
         return cls(load_model(checkpoint, dev), dev)
+
+    @property
+    def runtime(self) -> str:
+        """``"pytorch"`` for a checkpoint, ``"onnxruntime"`` for an exported graph."""
+        return "onnxruntime" if self.model.meta.get("onnx") else "pytorch"
+
+    @property
+    def has_box_head(self) -> bool:
+        """Whether :meth:`detect` works: the checkpoint has a box head, or the ONNX export's box graph is beside it."""
+        return self._detector is not None
 
     @property
     def embed_dim(self) -> int:
@@ -94,8 +124,6 @@ class Retriever:
     @property
     def input_size(self) -> int:
         """Side in pixels of the square the model sees (each crop is resized to it, as in training)."""
-        from mmfl.index.build import model_input_size
-
         return model_input_size(self.model)
 
     @property
@@ -110,7 +138,8 @@ class Retriever:
 
     @property
     def checkpoint(self) -> str:
-        """The file the weights were loaded from, as given to :meth:`load`."""
+        """The file the weights were loaded from, as given to :meth:`load` (for an ONNX graph: the checkpoint
+        it was exported from)."""
         return str(self.model.meta["checkpoint"])
 
     @property
@@ -131,7 +160,7 @@ class Retriever:
     def predict(self, images: Sequence[ImageInput], boxes: Sequence[BoxInput] | None = None,
                 batch_size: int = 32) -> list[ImagePrediction]:
         """Per image: the embedding (as :meth:`embed` returns it) plus the decided category and attributes."""
-        from mmfl.index.labels import predicted_category
+        from mmfl.labels import predicted_category
 
         emb, attr, cat = self._run(images, boxes, batch_size, 0, False, predictions=True)
         return [
@@ -144,6 +173,27 @@ class Retriever:
             )
             for i in range(len(emb))
         ]
+
+    def detect(self, images: Sequence[ImageInput], min_score: float | None = None) -> list[list["Detection"]]:
+        """Per image, the garments the box head finds, best first: ``box`` in the photo's upright pixels (clamped
+        to it), ``category``, ``score``, ``category_score``; those scoring at least ``min_score`` (default: the
+        checkpoint's ``box.min_score``). Without a box head (or box graph) a one-line MMFLError.
+
+        The search path's detection (:meth:`mmfl.Catalog.detect`): give a box to :meth:`embed` to embed it.
+        """
+        from mmfl.localise import box_settings, check_min_score, detect_in_photo
+
+        sources = check_images(images)
+        if self._detector is None:
+            raise MMFLError(f"{self.model.meta.get('onnx') or self.checkpoint}: cannot detect garments: "
+                            f"{self._no_box_reason}")
+        settings = box_settings(self._detector)
+        threshold = settings["min_score"] if min_score is None else check_min_score(min_score)
+        found = []
+        for i, source in enumerate(sources):  # decoded no larger than the detector's input needs
+            image, full = open_photo(source, None, image_name(source, i), min_size=settings["size"])
+            found.append(detect_in_photo(self._detector, image, full, threshold))
+        return found
 
     def _run(self, images: Sequence[ImageInput], boxes: Sequence[BoxInput] | None, batch_size: int, workers: int,
              progress: ProgressArg, predictions: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
@@ -179,7 +229,7 @@ class Retriever:
         except MMFLError as exc:  # from a worker process, the message carries the worker's traceback
             if workers == 0:
                 raise
-            from mmfl.cli import one_line
+            from mmfl.errors import one_line
 
             raise type(exc)(one_line(exc)) from None
         finally:
@@ -189,117 +239,3 @@ class Retriever:
         attr = np.concatenate(out[1]).astype(np.float32) if out[1] else None
         cat = np.concatenate(out[2]).astype(np.float32) if out[2] else None
         return emb, attr, cat
-
-
-def check_images(images: Any) -> list[ImageInput]:
-    """``images`` as a list, each a path, bytes or PIL image; anything else is one MMFLError line.
-
-    A lone ``str``/path/bytes/PIL image is refused rather than guessed at: iterating a path
-    string would otherwise "embed" one image per character.
-    """
-    if isinstance(images, (str, bytes, os.PathLike, Image.Image)):
-        raise MMFLError(f"images: expected a list of images, got one {type(images).__name__}; "
-                        "pass [image] for a single one")
-    if not isinstance(images, Sequence):
-        raise MMFLError(f"images: expected a list of paths, bytes or PIL images, got {type(images).__name__}")
-    for i, image in enumerate(images):
-        if not isinstance(image, (str, bytes, os.PathLike, Image.Image)):
-            raise MMFLError(f"images[{i}]: expected a path, bytes or a PIL image, got {type(image).__name__}")
-    return list(images)
-
-
-def check_boxes(boxes: Any, count: int) -> list[Box | None]:
-    """One integer box or None per image; a wrong container, length or box is one MMFLError line.
-
-    Coordinates are rounded to whole pixels (as ``--bbox`` is); whether the box lies inside the
-    photo is checked when the photo is decoded, where its size is known.
-    """
-    if boxes is None:
-        return [None] * count
-    if isinstance(boxes, np.ndarray):  # a detector's (N, 4) array
-        boxes = boxes.tolist()
-    if isinstance(boxes, (str, bytes)) or not isinstance(boxes, Sequence):
-        raise MMFLError(f"boxes: expected a list with one (x1, y1, x2, y2) or None per image, "
-                        f"got {type(boxes).__name__}")
-    if len(boxes) != count:
-        raise MMFLError(f"boxes: {len(boxes)} boxes for {count} images (give one box or None per image)")
-    return [None if box is None else check_box_value(box, f"boxes[{i}]") for i, box in enumerate(boxes)]
-
-
-def check_box_value(box: Any, label: str) -> Box:
-    """``(x1, y1, x2, y2)`` as whole pixels with x2 > x1 and y2 > y1, or one MMFLError line naming ``label``."""
-    if isinstance(box, np.ndarray):
-        box = box.tolist()
-    if isinstance(box, (str, bytes)) or not isinstance(box, Sequence) or len(box) != 4:
-        raise MMFLError(f"{label}: expected (x1, y1, x2, y2), got {box!r}")
-    try:
-        values = [float(v) for v in box]
-    except (TypeError, ValueError):
-        raise MMFLError(f"{label}: expected four numbers (x1, y1, x2, y2), got {box!r}") from None
-    if not all(math.isfinite(v) for v in values):
-        raise MMFLError(f"{label}: {box!r} has a coordinate that is not a finite number")
-    x1, y1, x2, y2 = (int(round(v)) for v in values)
-    if x2 <= x1 or y2 <= y1:
-        raise MMFLError(f"{label}: {box!r} is empty (x2 must exceed x1 and y2 must exceed y1)")
-    return x1, y1, x2, y2
-
-
-def open_photo(source: ImageInput, box: Box | None, name: str, min_size: int = 0) -> tuple[Image.Image, tuple[int, int]]:
-    """The upright RGB crop of ``box`` (the whole photo without one) and the whole photo's upright size.
-
-    Paths and bytes go through :func:`~mmfl.data.images.open_crop` exactly as gallery images
-    and service uploads do (a JPEG decoded at a reduced scale when ``min_size`` allows). A PIL
-    image is already decoded: it gets the same EXIF turn and RGB conversion, so ``Image.open(p)``
-    and ``p`` give the same crop. The garment detector reads whole photos through this too.
-    """
-    from mmfl.data.images import check_box, open_crop, to_rgb
-
-    if not isinstance(source, Image.Image):
-        return open_crop(source, box, name, min_size=min_size)
-    try:
-        image = to_rgb(ImageOps.exif_transpose(source))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{name}: cannot use image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    full = image.size
-    if box is not None:
-        image = image.crop(check_box(box, image.width, image.height, name))
-    return image, full
-
-
-def model_input(source: ImageInput, box: Box | None, size: int, name: str) -> tuple["torch.Tensor", tuple[int, int]]:
-    """One photo as the model sees it (upright RGB, cropped to ``box``, resized to ``size``; C, H, W in
-    [0, 1]) and the photo's upright (width, height).
-
-    The one way a photo becomes model input, for :class:`Retriever`, :func:`mmfl.extract.extract_features`
-    (``mmfl index``, ``mmfl eval``), searches and live adds (:mod:`mmfl.index.search`, :mod:`mmfl.catalog`):
-    one decoder means one vector per photo, whichever door it came through.
-    """
-    from mmfl.data.transforms import eval_transform
-
-    crop, full = open_photo(source, box, name, min_size=size)
-    return eval_transform(size)(crop), full
-
-
-def image_name(source: ImageInput, index: int) -> str:
-    """What an error calls an image: its path, or its position for bytes and PIL images."""
-    if isinstance(source, (str, os.PathLike)):
-        return str(Path(source))
-    return f"images[{index}] ({'bytes' if isinstance(source, bytes) else 'PIL image'})"
-
-
-class InputDataset:
-    """Map-style dataset of :func:`model_input` tensors, so a DataLoader can decode them in worker processes.
-
-    ``names`` are what errors call the photos (default: :func:`image_name`).
-    """
-
-    def __init__(self, sources: Sequence[ImageInput], boxes: Sequence[Box | None], size: int,
-                 names: Sequence[str] | None = None) -> None:
-        self.sources, self.boxes, self.size = list(sources), list(boxes), size
-        self.names = list(names) if names is not None else [image_name(s, i) for i, s in enumerate(self.sources)]
-
-    def __len__(self) -> int:
-        return len(self.sources)
-
-    def __getitem__(self, index: int) -> "torch.Tensor":
-        return model_input(self.sources[index], self.boxes[index], self.size, self.names[index])[0]

@@ -8,6 +8,13 @@ a bad image) resumes where it stopped: a re-run reuses every chunk whose inputs 
 The final file is assembled chunk by chunk (memory bounded by one chunk), written atomically,
 and the partial folder removed. Embedding goes through :class:`mmfl.retriever.Retriever`, the
 same code as the Python API.
+
+A bad image (missing, not decodable, a box outside it) ends the run with one line naming it, the
+finished chunks kept. With ``--skip-bad`` it is skipped instead: one ``skipped: <reason>`` line on
+stderr each, and every reason in the output's metadata (``skipped``), so nothing goes missing
+unsaid. Images are not decoded twice for this: a chunk is embedded as usual, and only a chunk
+that fails is decoded image by image to find its bad ones (kept in its chunk file, so a resumed
+run lists them again without decoding them).
 """
 from __future__ import annotations
 
@@ -18,11 +25,16 @@ import os
 import re
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Sequence
+from typing import IO, TYPE_CHECKING, Any, Callable, Sequence
 
-from mmfl.commands.common import add_progress_arg
+from mmfl.commands.common import add_progress_arg, add_skip_args
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from mmfl.retriever import Retriever
 
 #: Output kinds by suffix.
 SUFFIXES = (".npy", ".parquet")
@@ -50,7 +62,11 @@ OUT is either
                    the checkpoint and its sha256 are in the schema metadata (needs pyarrow)
 
 Finished chunks are kept in OUT.partial/ until the end; re-running the same command after an
-interruption reuses them (only chunks whose images, boxes and checkpoint are unchanged)."""
+interruption reuses them (only chunks whose images, boxes and checkpoint are unchanged).
+
+A bad image stops the run with one line naming it (a dataset of the folder formats skips by
+default); with --skip-bad each is skipped, listed on stderr ('skipped: <reason>') and in the
+output's metadata ("skipped"), and the rest is embedded."""
 
 
 def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -67,6 +83,7 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
                         help="images per resumable chunk written to OUT.partial/ (default: 1024)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--workers", type=int, default=2, help="image decoding processes (default: 2)")
+    add_skip_args(parser)
     add_progress_arg(parser)
     parser.set_defaults(func=run)
 
@@ -88,6 +105,7 @@ class Row:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mmfl.data.formats import skips_bad
     from mmfl.errors import MMFLError
     from mmfl.progress import progress as make_progress
     from mmfl.retriever import Retriever
@@ -101,27 +119,38 @@ def run(args: argparse.Namespace) -> int:
             raise MMFLError(f"{flag} {value}: must be at least {least}")
     if out.suffix.lower() == ".parquet":
         _require_pyarrow(out)
-    rows = gather_rows(args.input, args.fmt, args.split, args.domain)
+    rows, skipped = gather_rows(args.input, args.fmt, args.split, args.domain, args.skip_bad)
+    for reason in skipped:
+        print(f"skipped: {reason}", file=sys.stderr)
     if not rows:
-        raise MMFLError(f"{args.input}: no images to embed")
+        raise MMFLError(f"{args.input}: no images to embed" + (f" ({len(skipped)} skipped)" if skipped else ""))
     retriever = Retriever.load(args.checkpoint, args.device)
     partial = out.with_name(out.name + ".partial")
     chunks = plan_chunks(rows, args.chunk_size, retriever.checkpoint_sha256, partial)
-    todo = [c for c in chunks if not c.done(retriever.embed_dim)]
-    if len(todo) < len(chunks):
-        print(f"resuming: {len(chunks) - len(todo)} of {len(chunks)} chunks already in {partial}", file=sys.stderr)
-    bar = make_progress(sum(len(c.rows) for c in todo), "embedding", not args.no_progress, unit="img")
+    skip_bad = skips_bad(args.skip_bad, args.fmt) if args.fmt else bool(args.skip_bad)
+    finished = [c.done(retriever.embed_dim, skip_bad) for c in chunks]
+    reused = sum(finished)
+    if reused:
+        print(f"resuming: {reused} of {len(chunks)} chunks already in {partial}", file=sys.stderr)
+    bar = make_progress(sum(len(c.rows) for c, done in zip(chunks, finished) if not done), "embedding",
+                        not args.no_progress, unit="img")
     try:
-        for chunk in todo:
-            vectors = retriever.embed([r.path for r in chunk.rows], [r.box for r in chunk.rows],
-                                      batch_size=args.batch_size, workers=args.workers,
-                                      progress=bar.update if bar is not None else False)
-            chunk.save(vectors)
+        for chunk, done in zip(chunks, finished):
+            if not done:
+                chunk.save(*embed_chunk(retriever, chunk, args.batch_size, args.workers, skip_bad,
+                                        bar.update if bar is not None else None))
+            for reason in chunk.skipped.values():
+                print(f"skipped: {reason}", file=sys.stderr)
+            skipped += chunk.skipped.values()
     finally:
         if bar is not None:
             bar.close()
+    count = sum(len(c.kept) for c in chunks)
+    if not count:
+        raise MMFLError(f"{args.input}: no image could be embedded ({len(skipped)} skipped)")
     meta = {"format": FORMAT, "version": VERSION, "checkpoint": str(Path(retriever.checkpoint).resolve()),
-            "checkpoint_sha256": retriever.checkpoint_sha256, "embed_dim": retriever.embed_dim, "count": len(rows)}
+            "checkpoint_sha256": retriever.checkpoint_sha256, "embed_dim": retriever.embed_dim, "count": count,
+            "num_skipped": len(skipped), "skipped": skipped}
     if out.suffix.lower() == ".npy":
         sidecar = write_npy(out, chunks, meta)
         written = f"{out} + {sidecar}"
@@ -129,38 +158,84 @@ def run(args: argparse.Namespace) -> int:
         write_parquet(out, chunks, meta)
         written = str(out)
     shutil.rmtree(partial, ignore_errors=True)
-    print(f"{written}: {len(rows)} images, {retriever.embed_dim}-d, checkpoint sha256 {retriever.checkpoint_sha256[:12]} "
-          f"({len(chunks)} chunk{'s' if len(chunks) != 1 else ''}, {len(chunks) - len(todo)} reused)")
+    print(f"{written}: {count} images{f', {len(skipped)} skipped' if skipped else ''}, {retriever.embed_dim}-d, "
+          f"checkpoint sha256 {retriever.checkpoint_sha256[:12]} "
+          f"({len(chunks)} chunk{'s' if len(chunks) != 1 else ''}, {reused} reused)")
     return 0
 
 
-def gather_rows(source: str, fmt: str | None, split: str | None, domain: str | None) -> list[Row]:
-    """The images named by INPUT, in a stable order (so chunk names stay valid across runs)."""
+def embed_chunk(retriever: "Retriever", chunk: "Chunk", batch_size: int, workers: int, skip_bad: bool,
+                progress: Callable[[int], None] | None) -> tuple["np.ndarray", dict[int, str]]:
+    """The chunk's vectors (a NaN row for each skipped image) and ``{row in chunk: reason}`` of those skipped.
+
+    The chunk is embedded in one pass; only when that fails on a bad image and ``skip_bad`` is each of
+    its images decoded alone to find the bad ones (the same decode as the embedding's), and the rest
+    embedded. Without ``skip_bad`` the error goes up: one line naming the image.
+    """
+    import numpy as np
+
+    from mmfl.errors import DataError
+    from mmfl.model_input import model_input
+
+    def embed(rows: Sequence[Row]) -> np.ndarray:
+        return retriever.embed([r.path for r in rows], [r.box for r in rows], batch_size=batch_size, workers=workers,
+                               progress=progress or False)
+
+    try:
+        return embed(chunk.rows), {}
+    except DataError as exc:
+        if not skip_bad:
+            raise
+        failure = exc
+    skipped = {}
+    for i, row in enumerate(chunk.rows):
+        try:
+            model_input(row.path, row.box, retriever.input_size, str(Path(row.path)))
+        except DataError as exc:
+            skipped[i] = str(exc)
+    if not skipped:  # no image fails alone: not a bad image's doing
+        raise failure
+    vectors = np.full((len(chunk.rows), retriever.embed_dim), np.nan, np.float32)
+    good = [i for i in range(len(chunk.rows)) if i not in skipped]
+    if good:
+        vectors[good] = embed([chunk.rows[i] for i in good])
+    return vectors, skipped
+
+
+def gather_rows(source: str, fmt: str | None, split: str | None, domain: str | None,
+                skip_bad: bool | None = None) -> tuple[list[Row], list[str]]:
+    """The images named by INPUT, in a stable order (so chunk names stay valid across runs), and the reasons
+    for those left out: bad dataset records (skipped by the reader), list lines naming missing images.
+
+    ``skip_bad``: True skips, False refuses (one line naming the file); None is the dataset format's
+    default (:func:`mmfl.data.formats.read_dataset`), and refusing for folders, lists and images.
+    """
     from mmfl.errors import DataError
 
     path = Path(source)
     if fmt is not None:
-        return _dataset_rows(source, fmt, split, domain)
+        return _dataset_rows(source, fmt, split, domain, skip_bad)
     if split or domain:
         raise DataError("--split and --domain select records of a dataset; give --format too")
     if path.is_dir():
-        return _folder_rows(path)
+        return _folder_rows(path), []
     if not path.is_file():
         raise DataError(f"{path}: not found")
     from mmfl.data.formats.annotations import IMAGE_SUFFIXES
 
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        return [Row(path.name, str(path.resolve()))]
+        return [Row(path.name, str(path.resolve()))], []
     if path.suffix.lower() == ".txt":
-        return _list_rows(path)
+        return _list_rows(path, bool(skip_bad))
     raise DataError(f"{path}: expected a folder, a .txt list of images, an image, or a dataset root with --format")
 
 
-def _dataset_rows(root: str, fmt: str, split: str | None, domain: str | None) -> list[Row]:
+def _dataset_rows(root: str, fmt: str, split: str | None, domain: str | None,
+                  skip_bad: bool | None) -> tuple[list[Row], list[str]]:
     from mmfl.data.formats import read_dataset
     from mmfl.errors import DataError
 
-    catalog = read_dataset(root, fmt)
+    catalog = read_dataset(root, fmt, skip_bad=skip_bad)
     records = catalog.records
     if split:
         wanted = [s.strip() for s in split.split(",") if s.strip()]
@@ -170,7 +245,7 @@ def _dataset_rows(root: str, fmt: str, split: str | None, domain: str | None) ->
             raise DataError(f"{root}: no records in split {split!r} (splits: {', '.join(known)})")
     if domain:
         records = [r for r in records if r.domain == domain]
-    return [Row(r.item_id, r.path, r.box, r.domain, r.split, r.category) for r in records]
+    return [Row(r.item_id, r.path, r.box, r.domain, r.split, r.category) for r in records], list(catalog.skipped)
 
 
 def _folder_rows(folder: Path) -> list[Row]:
@@ -187,16 +262,17 @@ def _folder_rows(folder: Path) -> list[Row]:
     return sorted(rows, key=lambda r: r.id)
 
 
-def _list_rows(listing: Path) -> list[Row]:
-    """``PATH`` or ``PATH x1,y1,x2,y2`` per line; a missing image is refused here, naming its line."""
+def _list_rows(listing: Path, skip_bad: bool) -> tuple[list[Row], list[str]]:
+    """``PATH`` or ``PATH x1,y1,x2,y2`` per line; a missing image is refused here, naming its line (with
+    ``skip_bad``: left out, the same line its reason)."""
     from mmfl.errors import DataError
-    from mmfl.retriever import check_box_value
+    from mmfl.model_input import check_box_value
 
     try:
         lines = listing.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{listing}: cannot read list file ({exc})") from None
-    rows = []
+    rows, skipped = [], []
     for number, line in enumerate(lines, 1):
         text = line.strip()
         if not text or text.startswith("#"):
@@ -209,40 +285,71 @@ def _list_rows(listing: Path) -> list[Row]:
             box = check_box_value(match["box"].split(","), f"{where}: box")
         image = Path(text) if Path(text).is_absolute() else listing.parent / text
         if not image.is_file():
-            raise DataError(f"{where}: image {image} not found")
+            if not skip_bad:
+                raise DataError(f"{where}: image {image} not found")
+            skipped.append(f"{where}: image {image} not found")
+            continue
         rows.append(Row(text, str(image.resolve()), box))
-    return rows
+    return rows, skipped
 
 
 @dataclass
 class Chunk:
-    """A slice of the rows and the file its vectors are kept in until the final file is written."""
+    """A slice of the rows and the file its vectors are kept in until the final file is written.
+
+    ``skipped`` maps a row of the chunk to why it was skipped (``--skip-bad``); its vector is a NaN
+    row, and the reasons are kept in ``<chunk>.skipped.json``, written before the vectors, so a
+    resumed run lists them again.
+    """
 
     rows: Sequence[Row]
     path: Path
+    skipped: dict[int, str] = field(default_factory=dict)
 
-    def done(self, dim: int) -> bool:
-        """Whether a previous run finished this chunk (a file of the right shape is there)."""
+    @property
+    def skipped_path(self) -> Path:
+        return self.path.with_suffix(".skipped.json")
+
+    @property
+    def kept(self) -> list[Row]:
+        """The rows that have a vector."""
+        return [r for i, r in enumerate(self.rows) if i not in self.skipped]
+
+    def done(self, dim: int, skip_bad: bool) -> bool:
+        """Whether a previous run finished this chunk (a file of the right shape is there, its NaN rows those
+        its reasons name). One that skipped images is redone without ``skip_bad``, which then stops at the first."""
         import numpy as np
 
         if not self.path.is_file():
             return False
         try:
-            return np.load(self.path, mmap_mode="r").shape == (len(self.rows), dim)
+            vectors = np.load(self.path)
+            skipped = json.loads(self.skipped_path.read_text(encoding="utf-8")) if self.skipped_path.is_file() else {}
         except (OSError, ValueError):
             return False
+        if vectors.shape != (len(self.rows), dim):
+            return False
+        self.skipped = {int(i): str(reason) for i, reason in skipped.items()}
+        if sorted(self.skipped) != np.flatnonzero(np.isnan(vectors).any(axis=1)).tolist():
+            return False
+        return skip_bad or not self.skipped
 
-    def save(self, vectors: Any) -> None:
+    def save(self, vectors: Any, skipped: dict[int, str]) -> None:
         import numpy as np
 
-        from mmfl.atomic import atomic_write
+        from mmfl.atomic import atomic_write, atomic_write_text
 
+        self.skipped = skipped
+        if skipped:
+            atomic_write_text(self.skipped_path, json.dumps(skipped, ensure_ascii=False))
         atomic_write(self.path, lambda fh: np.save(fh, vectors))
 
     def load(self) -> Any:
+        """The vectors of :attr:`kept`."""
         import numpy as np
 
-        return np.load(self.path)
+        vectors = np.load(self.path)
+        return np.delete(vectors, sorted(self.skipped), axis=0) if self.skipped else vectors
 
 
 def plan_chunks(rows: list[Row], size: int, checkpoint_sha256: str, partial: Path) -> list[Chunk]:
@@ -273,7 +380,7 @@ def write_npy(out: Path, chunks: list[Chunk], meta: dict[str, Any]) -> Path:
 
     atomic_write(out, write)
     sidecar = out.with_suffix(".json")
-    rows = [r.to_json() for c in chunks for r in c.rows]
+    rows = [r.to_json() for c in chunks for r in c.kept]
     atomic_write_text(sidecar, json.dumps({**meta, "vectors": out.name, "rows": rows}, ensure_ascii=False) + "\n")
     return sidecar
 
@@ -294,8 +401,8 @@ def write_parquet(out: Path, chunks: list[Chunk], meta: dict[str, Any]) -> None:
 
     def table(chunk: Chunk) -> "pa.Table":
         vectors = chunk.load().astype("float32").reshape(-1)
-        columns = {name: [getattr(r, name) for r in chunk.rows] for name in ("id", "path", "domain", "split", "category")}
-        columns["box"] = [list(r.box) if r.box else None for r in chunk.rows]
+        columns = {name: [getattr(r, name) for r in chunk.kept] for name in ("id", "path", "domain", "split", "category")}
+        columns["box"] = [list(r.box) if r.box else None for r in chunk.kept]
         columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors, pa.float32()), dim)
         return pa.table(columns, schema=schema)
 

@@ -26,12 +26,13 @@ def run(args: argparse.Namespace) -> int:
     from mmfl.errors import MMFLError
     from mmfl.export import MIN_SIZE, box_graph_path, export_box_onnx, export_onnx
     from mmfl.localise import box_settings, has_box_head
+    from mmfl.model_input import model_input_size
 
     if args.size is not None and args.size < MIN_SIZE:  # 0 must not quietly mean "the checkpoint's size"
         raise MMFLError(f"--size {args.size}: too small (use {MIN_SIZE} or more, or leave it out for the "
                         "checkpoint's input.size)")
     model = load_model(args.checkpoint, "cpu")
-    size = args.size if args.size is not None else int(model.meta["config"]["input"]["size"])
+    size = args.size if args.size is not None else model_input_size(model)
     report = export_onnx(model, args.onnx, size, opset=args.opset)
     if has_box_head(model):
         box = box_settings(model)

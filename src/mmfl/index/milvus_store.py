@@ -25,7 +25,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from mmfl.errors import GalleryIndexError
-from mmfl.index.faiss_store import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, IVF_NPROBE, ivf_nlist
+from mmfl.index.ann import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, IVF_NPROBE, ivf_nlist
 from mmfl.index.store import Entry, Filter, Hit, updated_manifest, write_manifest
 
 DEFAULT_LITE_DB = "milvus.db"

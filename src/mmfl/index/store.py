@@ -22,12 +22,12 @@ from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence
 
 from mmfl.atomic import atomic_write_text
 from mmfl.errors import GalleryIndexError, MMFLError
+from mmfl.index.ann import KINDS
 
 FORMAT = "mmfl-index"
 VERSION = 1
 MANIFEST = "manifest.json"
 BACKENDS = ("faiss", "milvus")
-KINDS = ("flat", "ivf", "hnsw")
 #: Keys ``--filter key=value`` understands; values of one key are OR'ed for categories, AND'ed for attributes.
 FILTER_KEYS = ("category", "attribute")
 _REQUIRED = ("backend", "kind", "embed_dim", "count", "checkpoint", "checkpoint_sha256", "generation", "index_id")
@@ -173,7 +173,7 @@ class GalleryStore(Protocol):
 
     def caught_up(self, manifest: dict[str, Any]) -> "GalleryStore | None":
         """This store advanced to ``manifest`` (committed by another process) cheaply, or None when
-        only a full :func:`open_store` can (another generation)."""
+        only a full :func:`mmfl.index.backends.open_store` can (another generation)."""
         ...
 
     def pending_rows(self) -> int:
@@ -304,29 +304,3 @@ def updated_manifest(manifest: dict[str, Any], count: int, added: Sequence[Entry
     """``manifest`` after a live update: new live ``count``, facets moved by the entries, ``fields`` set."""
     facets = Facets.from_json(manifest.get("facets")).add(added).remove(removed)
     return {**manifest, "count": count, "facets": facets.to_json(), "updated": utc_now(), **fields}
-
-
-def open_store(index_dir: str | Path) -> GalleryStore:
-    """Open the index in ``index_dir`` with the backend its manifest names.
-
-    A build committing between reading the manifest and opening its files can delete the
-    generation just read; the manifest is then re-read once and the new generation opened.
-    """
-    manifest = read_manifest(index_dir)
-    try:
-        return _open(index_dir, manifest)
-    except GalleryIndexError:
-        latest = read_manifest(index_dir)
-        if latest["generation"] == manifest["generation"]:
-            raise
-        return _open(index_dir, latest)
-
-
-def _open(index_dir: str | Path, manifest: dict[str, Any]) -> GalleryStore:
-    if manifest["backend"] == "faiss":
-        from mmfl.index.faiss_store import FaissStore
-
-        return FaissStore(index_dir, manifest)
-    from mmfl.index.milvus_store import MilvusStore
-
-    return MilvusStore(index_dir, manifest)

@@ -16,7 +16,6 @@ Inputs are float images in [0, 1] of any size >= 32; ImageNet normalisation happ
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -24,13 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmfl.config import BranchSpec, Config, parse_partition
+from mmfl.config import BranchSpec, parse_partition
 from mmfl.errors import MMFLError
 from mmfl.models.backbones import LEVELS, Backbone
 from mmfl.models.box_head import BoxDetections, BoxHead, BoxMaps, decode_boxes
-from mmfl.models.pretrained import load_pretrained
-
-log = logging.getLogger(__name__)
+from mmfl.models.neck import FusionNeck
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,79 +51,6 @@ class Prediction:
     embedding: torch.Tensor  # (N, D) L2-normalised, float32
     attribute_logits: torch.Tensor | None
     category_logits: torch.Tensor | None
-
-
-def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, relu: bool = True) -> nn.Sequential:
-    layers: list[nn.Module] = [
-        nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False),
-        nn.BatchNorm2d(cout),
-    ]
-    if relu:
-        layers.append(nn.ReLU(inplace=True))
-    return nn.Sequential(*layers)
-
-
-def _fit(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """``x`` pooled to ``ref``'s spatial size when they differ (non-adjacent fused levels)."""
-    if x.shape[-2:] == ref.shape[-2:]:
-        return x
-    return F.adaptive_avg_pool2d(x, ref.shape[-2:])
-
-
-class FusionNeck(nn.Module):
-    """Top-down (FPN) and optionally bottom-up (PANet) aggregation over the pyramid ``levels``.
-
-    Top-down: lateral 1x1 conv per level, coarser map upsampled (nearest, to the finer map's exact
-    size) and added, 3x3 smoothing. Bottom-up: the finer fused map goes through a stride-2 3x3 conv
-    (stride 1 where two levels share a stride, as with ``last_stride=1``) and is added to the next
-    level. Modules that cannot reach any of ``out_levels`` are not built, so every parameter
-    receives gradients (DDP without ``find_unused_parameters``).
-    """
-
-    def __init__(
-        self,
-        channels: dict[int, int],
-        strides: dict[int, int],
-        levels: Sequence[int],
-        out_levels: Sequence[int],
-        width: int,
-        bottom_up: bool,
-    ) -> None:
-        super().__init__()
-        levels = sorted(set(levels))
-        outs = sorted(set(out_levels))
-        if not outs or any(lv not in levels for lv in outs):
-            raise ValueError(f"output levels {outs} must be among the fused levels {levels}")
-        self.bottom_up = bottom_up
-        # bottom-up: every fused level feeds the top output through the chain; top-down only: the
-        # levels finer than the finest output feed nothing.
-        self.levels = levels if bottom_up else [lv for lv in levels if lv >= outs[0]]
-        self.smoothed = [lv for lv in self.levels if lv <= outs[-1]] if bottom_up else outs
-        self.out_levels = outs
-        self.lateral = nn.ModuleDict({str(lv): _conv_bn(channels[lv], width, 1, relu=False) for lv in self.levels})
-        self.smooth = nn.ModuleDict({str(lv): _conv_bn(width, width, 3) for lv in self.smoothed})
-        self.down = nn.ModuleDict()
-        if bottom_up:
-            for finer, coarser in zip(self.smoothed[:-1], self.smoothed[1:]):
-                stride = 2 if strides[coarser] > strides[finer] else 1
-                self.down[str(coarser)] = _conv_bn(width, width, 3, stride=stride)
-
-    def forward(self, pyramid: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        inner: dict[int, torch.Tensor] = {}
-        coarser: torch.Tensor | None = None
-        for lv in reversed(self.levels):
-            x = self.lateral[str(lv)](pyramid[lv])
-            if coarser is not None:
-                x = x + F.interpolate(coarser, size=x.shape[-2:], mode="nearest")
-            inner[lv] = coarser = x
-        fused = {lv: self.smooth[str(lv)](inner[lv]) for lv in self.smoothed}
-        if self.bottom_up:
-            finer: torch.Tensor | None = None
-            for lv in self.smoothed:
-                if finer is not None:
-                    fused[lv] = fused[lv] + _fit(self.down[str(lv)](finer), fused[lv])
-                finer = fused[lv]
-        return {lv: fused[lv] for lv in self.out_levels}
 
 
 class PartPool(nn.Module):
@@ -218,8 +142,8 @@ class MMFLNet(nn.Module):
     """The retrieval model; see the module docstring for the forward contract.
 
     Built from plain arguments (a backbone module, branch specs, sizes from the data); use
-    :func:`build_model` to build it from a :class:`~mmfl.config.Config`. The backbone's stages
-    above the deepest level the neck or a branch reads are dropped (see ``Backbone.truncate``).
+    :func:`mmfl.models.build_model` to build it from a :class:`~mmfl.config.Config`. The backbone's
+    stages above the deepest level the neck or a branch reads are dropped (see ``Backbone.truncate``).
     """
 
     def __init__(
@@ -342,37 +266,3 @@ class MMFLNet(nn.Module):
     def detect(self, x: torch.Tensor, max_boxes: int = 10) -> BoxDetections:
         """Top ``max_boxes`` garment boxes per image of ``x`` in its pixels, best first (call in eval mode)."""
         return decode_boxes(self.box_maps(x), (x.shape[-2], x.shape[-1]), max_boxes)
-
-
-def build_model(cfg: Config, num_items: int, num_attributes: int, num_categories: int = 0,
-                num_box_categories: int = 0) -> MMFLNet:
-    """Build MMFL-Net from ``cfg.model``; sizes come from the data (heads off when 0 or switched off).
-
-    ``num_box_categories``: categories the box head names (0: boxes without a category); used
-    only with ``model.box_head``.
-    """
-    m = cfg.model
-    if num_items < 1:
-        raise MMFLError(f"num_items must be at least 1 to build the ID classifiers, got {num_items}")
-    backbone = Backbone(m.backbone, last_stride=m.last_stride)
-    source = load_pretrained(backbone, m.pretrained)
-    if m.backbone_norm == "frozen":
-        backbone.freeze_batchnorm()
-    backbone.freeze(m.freeze_stages)
-    model = MMFLNet(
-        backbone,
-        m.branches,
-        num_items,
-        num_attributes if m.attribute_head else 0,
-        num_categories if m.category_head else 0,
-        fusion=m.fusion,
-        fusion_levels=m.fusion_levels,
-        neck_width=m.neck_width,
-        box_head=m.box_head,
-        box_level=m.box_level,
-        box_source=m.box_source,
-        box_width=m.box_width,
-        num_box_categories=num_box_categories,
-    )
-    log.info("built %s/%s: embed_dim %d, backbone from %s", m.backbone, m.fusion, model.embed_dim, source)
-    return model

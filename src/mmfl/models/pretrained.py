@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torchvision import models as tvm
 
-from mmfl.checkpoint import torch_load
 from mmfl.errors import CheckpointError, MMFLError
 from mmfl.models.backbones import Backbone
+from mmfl.safe_load import torch_load
 
 #: The torchvision weights each ``model.pretrained=imagenet`` backbone starts from.
 IMAGENET_WEIGHTS: dict[str, tvm.WeightsEnum] = {

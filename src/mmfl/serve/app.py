@@ -3,10 +3,10 @@
 The model and the index are loaded once, when the app is created, and shared by all requests
 (FastAPI runs the plain ``def`` endpoints in its thread pool; inference and index reads are
 thread-safe, and a search answers from one committed state of the catalogue, old or new, while
-``POST /items`` / ``DELETE /items/{id}`` change it). The item endpoints are off unless the app
-has an admin token (``--admin-token`` or ``MMFL_ADMIN_TOKEN``): without one they answer 403
-saying so; a request without ``Authorization: Bearer <token>`` or with another token gets 401
-(compared in constant time). Uploads are bounded twice: by ``Content-Length`` and by counting
+``POST /items`` / ``DELETE /items/{id}`` change it; an id holding ``/`` is sent as ``%2F``). The
+item endpoints are off unless the app has an admin token (``--admin-token`` or ``MMFL_ADMIN_TOKEN``):
+without one they answer 403 saying so; a request without ``Authorization: Bearer <token>`` or with
+another token gets 401 (compared in constant time). Uploads are bounded twice: by ``Content-Length`` and by counting
 the bytes that actually arrive (a chunked upload has no length), both answered with 413 before
 any decoding; the bound is the whole request's, so a batch search or an add of several photos
 shares one ``--max-upload-mb``.
@@ -46,9 +46,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mmfl import __version__
 from mmfl.catalog import MAX_ADD_PHOTOS, Catalog
 from mmfl.errors import CheckpointError, DataError, GalleryIndexError, MMFLError
-from mmfl.index.build import model_input_size
 from mmfl.index.search import MAX_K, parse_bbox
 from mmfl.index.store import IndexBusyError, parse_filters
+from mmfl.model_input import model_input_size
 
 STATIC_DIR = Path(__file__).parent / "static"
 MIB = 1 << 20
@@ -332,11 +332,12 @@ def create_app(index_dir: str | Path, checkpoint: str | Path | None = None, devi
         return catalog.add(data, item_id, category=category or None, attributes=attributes or None, boxes=boxes,
                            names=names)
 
-    # {item_id} without ":path": a GET of /items/<id>/<anything> must stay a 404, not match this route as a 405.
-    # An id holding "/" is removed with 'mmfl index --remove' or Catalog.remove.
-    @app.delete("/items/{item_id}", summary="remove an item from the catalogue (admin token)",
+    # The id may hold "/" (a folder dataset's "dresses/sku-1"): clients send it URL-encoded ("%2F", as the
+    # image_url of every answer is), which reaches the route decoded, so the id is a path parameter.
+    @app.delete("/items/{item_id:path}", summary="remove an item from the catalogue (admin token)",
                 description="Needs `Authorization: Bearer <token>`. Removes every image of the item, durably, "
-                            "before the answer; no search started after it returns the item.")
+                            "before the answer; no search started after it returns the item. An id holding `/` "
+                            "is sent URL-encoded (`%2F`).")
     def remove_item(request: Request, item_id: str) -> dict[str, Any]:
         require_admin(request)
         if not catalog.remove([item_id], missing_ok=True):
@@ -354,6 +355,12 @@ def create_app(index_dir: str | Path, checkpoint: str | Path | None = None, devi
         if not os.path.isfile(path):
             raise HTTPException(404, f"image of item {item_id!r} is no longer on disk")
         return FileResponse(path, media_type=mimetypes.guess_type(path)[0] or "application/octet-stream")
+
+    # After the DELETE route above, a GET of any other /items/<...> would match its path but not its
+    # method and be answered 405; it names no page, so it is a 404 like every unknown path.
+    @app.get("/items/{rest:path}", include_in_schema=False)
+    def no_item_page(rest: str) -> None:
+        raise HTTPException(404, "Not Found")
 
     return app
 

@@ -20,7 +20,7 @@ exclude each other (one sleeve length, one neckline) is declared explicitly in
 
 The last word of a row is the group (no spaces), everything before it an attribute name exactly
 as ``list_attr_cloth.txt`` gives it (names may contain spaces). An attribute belongs to at most
-one group. Predictions then keep the most probable value of each group (:mod:`mmfl.index.labels`);
+one group. Predictions then keep the most probable value of each group (:mod:`mmfl.labels`);
 annotations are taken as they are. ``mmfl synth`` writes the file; for a real dataset write it
 yourself, or leave it out (no groups: every attribute is decided on its own).
 """
