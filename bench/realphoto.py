@@ -11,12 +11,17 @@ and evaluates, from the same ImageNet MobileNetV2 weights and at the same budget
 * loss ablations of ``mmfl``: ``id-only``, ``+batch-hard``, ``+improved``, ``+center``,
   ``+attributes`` (the 10 classes as a category target);
 * on request (``--variants``), ``mmfl-fuse345`` (the ``mmfl`` preset until 2026-12-02, whose neck
-  fused levels 3..5) and the design variants of it that decided the switch to levels 4..5.
+  fused levels 3..5) and the design variants of it that decided the switch to levels 4..5;
+* ``mmfl-onthefly``: the ``mmfl`` preset trained on the catalogue alone (``catalogue.csv``: the
+  training photos, no consumer image), its consumer views generated in the data workers each
+  epoch by the same renderer (:mod:`mmfl.data.generated_views`) on ``mmfl train``'s default
+  canvas (1.5x the input), scored on the same queries; ``mmfl-onthefly-2x`` on the pre-rendered
+  views' canvas (2x).
 
 Training uses ``train/`` photos, evaluation the ``validation/`` photos: gallery = their clean
 photos, queries = their views. ``--protocol hard`` renders harder views (non-rigid warp, partial
 views, strong lighting, low resolution, motion blur, heavier occlusion;
-:mod:`mmfl.data.realphoto_hard`) for training and queries alike. ``--distractors N`` also scores
+:mod:`mmfl.data.consumer_views.hard`) for training and queries alike. ``--distractors N`` also scores
 every run against a catalogue-sized gallery: the validation photos plus N shop photos of training
 items the ``--items`` subset leaves out (never trained on; the build checks it). Every comparison
 in ``COMPARISONS`` whose two sides share at least 2 seeds is reported as a paired t test over
@@ -51,7 +56,8 @@ if str(REPO / "src") not in sys.path:
 
 from mmfl.atomic import atomic_write_text  # noqa: E402
 from mmfl.config import load_config  # noqa: E402
-from mmfl.data.realphoto import DISTRACTOR_SPLIT, PROTOCOLS, build_realphoto, find_clothing_small  # noqa: E402
+from mmfl.data.consumer_views import PROTOCOLS  # noqa: E402
+from mmfl.data.realphoto import CATALOGUE_NAME, DISTRACTOR_SPLIT, build_realphoto, find_clothing_small  # noqa: E402
 from mmfl.errors import MMFLError  # noqa: E402
 from mmfl.stats import paired_t  # noqa: E402
 
@@ -92,7 +98,14 @@ VARIANTS: dict[str, tuple[str | None, list[str]]] = {
                                "model.branches=" + _MMFL_BRANCHES.format(local_source="backbone", local_dim=128)]),
     "mmfl-local256": ("mmfl", [*FUSE345, "model.branches=" + _MMFL_BRANCHES.format(local_source="fused",
                                                                                    local_dim=256)]),
+    # Catalogue-only training (issue 23): the training split is the bare photos (CATALOGUE_VARIANTS reads
+    # catalogue.csv), its views generated on the fly; view_mix=1 because the validation rows are real views.
+    "mmfl-onthefly": ("mmfl", ["data.view_mix=1"]),
+    "mmfl-onthefly-2x": ("mmfl", ["data.view_mix=1"]),
 }
+#: Variants that train on ``catalogue.csv`` (views generated while training) instead of ``dataset.csv``,
+#: with their canvas over the input size: None = what ``mmfl train`` picks (1.5x), 2.0 = the pre-rendered views'.
+CATALOGUE_VARIANTS: dict[str, float | None] = {"mmfl-onthefly": None, "mmfl-onthefly-2x": 2.0}
 DESIGN_VARIANTS = ("mmfl-fuse345", "mmfl-fuse345+frozen-bn", "mmfl-neck128", "mmfl-fuse45", "mmfl-local-bb",
                    "mmfl-local256")
 #: The preset comparison; every other trained variant is a loss ablation or design variant of ``mmfl``.
@@ -103,7 +116,8 @@ COMPARISONS: tuple[tuple[str, str], ...] = (
     ("mmfl", "mgn"), ("mmfl", "global"), ("mgn", "global"), ("mmfl+frozen-bn", "mmfl"),
     ("+batch-hard", "id-only"), ("+improved", "+batch-hard"), ("+center", "+improved"), ("+attributes", "+center"),
     *((v, "mmfl-fuse345") for v in DESIGN_VARIANTS if v != "mmfl-fuse345"), ("mmfl-fuse345", "mgn"),
-    ("mmfl", "mmfl-fuse345"),
+    ("mmfl", "mmfl-fuse345"), ("mmfl-onthefly", "mmfl"), ("mmfl-onthefly-2x", "mmfl"),
+    ("mmfl-onthefly", "mmfl-onthefly-2x"),
 )
 #: Metrics the paired comparisons test.
 PAIRED_METRICS = ("top1", "mAP")
@@ -144,7 +158,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--views", type=int, default=3, help="consumer views per item")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the rendered views and of the item subset")
     p.add_argument("--protocol", choices=PROTOCOLS, default="standard",
-                   help="consumer views: standard (mmfl.data.realphoto) or hard (mmfl.data.realphoto_hard)")
+                   help="consumer views: standard or hard (mmfl.data.consumer_views)")
     p.add_argument("--distractors", type=int,
                    help="extra gallery shop photos of training items outside --items, reported beside the "
                         "plain gallery (default: 2000 with --protocol hard, else 0)")
@@ -207,9 +221,15 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def base_overrides(s: dict[str, Any], data_root: Path, out: Path, seed: int) -> list[str]:
+def base_overrides(s: dict[str, Any], data_root: Path, out: Path, seed: int, variant: str = "") -> list[str]:
+    """The budget's overrides; a catalogue variant reads ``catalogue.csv`` and generates views of the same
+    protocol and count per item as the pre-rendered ones, on the canvas ``mmfl train`` picks by default."""
+    root = data_root / CATALOGUE_NAME if variant in CATALOGUE_VARIANTS else data_root
+    scale = CATALOGUE_VARIANTS.get(variant)
     return [
-        "data.format=csv", f"data.root={data_root}", f"data.num_workers={s['num_workers']}",
+        "data.format=csv", f"data.root={root}", f"data.num_workers={s['num_workers']}",
+        f"data.views={s['protocol']}", f"data.views_per_item={s['views']}",
+        *([f"data.view_size={min(s['render_size'], round(scale * s['size']))}"] if scale else []),
         "model.backbone=mobilenet_v2", f"model.pretrained={s['pretrained']}",
         f"model.freeze_stages={s['freeze_stages']}", f"input.size={s['size']}",
         f"train.epochs={s['epochs']}", f"train.warmup_epochs={s['warmup_epochs']}",
@@ -224,12 +244,11 @@ def run_trained(variant: str, seed: int, s: dict[str, Any], data_root: Path, wor
     """Train one variant with one seed and evaluate it on the validation split (reusing a finished run)."""
     from mmfl.checkpoint import load_model
     from mmfl.config import config_to_dict
-    from mmfl.evaluate import run_evaluation
     from mmfl.train import train
 
     preset, extra = VARIANTS[variant]
     out = work / _runs_dir(s) / f"{variant.lstrip('+')}-s{seed}"
-    cfg = load_config(preset, base_overrides(s, data_root, out, seed) + extra)
+    cfg = load_config(preset, base_overrides(s, data_root, out, seed, variant) + extra)
     resolved = config_to_dict(cfg)
     cached = _cached_row(out, resolved, s["distractors"])
     if cached is not None:
@@ -476,6 +495,31 @@ def comparison_table(comparisons: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def catalogue_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Catalogue-only training against its references: top-1 as a multiple of ``imagenet-only``'s, and
+    the training rate of each loader (mean of the seeds' epoch rates; on-the-fly over pre-rendered)."""
+    def mean(variant: str, key: str, gallery: str = "plain") -> float | None:
+        scored = [r if gallery == "plain" else r.get("distractors") for r in rows if r["variant"] == variant]
+        vals = [float(s[key]) for s in scored if s and s.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    out: dict[str, Any] = {}
+    base = {g: mean("imagenet-only", "top1", g) for g in ("plain", "distractors")}
+    for variant in (*CATALOGUE_VARIANTS, "mmfl"):
+        top1 = {g: mean(variant, "top1", g) for g in ("plain", "distractors")}
+        out[variant] = {
+            "top1": top1, "train_images_per_s": mean(variant, "train_images_per_s"),
+            "top1_over_imagenet_only": {g: round(top1[g] / base[g], 2) for g in top1
+                                        if top1[g] is not None and base[g]},
+        }
+    pre = out["mmfl"]["train_images_per_s"]
+    for variant in CATALOGUE_VARIANTS:
+        fly = out[variant]["train_images_per_s"]
+        if pre and fly:
+            out[variant]["train_rate_over_prerendered"] = round(fly / pre, 3)
+    return out
+
+
 def machine(device: str) -> dict[str, Any]:
     import torch
 
@@ -572,7 +616,7 @@ def _effective(s: dict[str, Any], variant: str, data_root: Path, has_attributes:
     from mmfl.config import config_to_dict
 
     preset, extra = VARIANTS[variant]
-    cfg = _trains_as(config_to_dict(load_config(preset, base_overrides(s, data_root, Path("runs"), 0) + extra)))
+    cfg = _trains_as(config_to_dict(load_config(preset, base_overrides(s, data_root, Path("runs"), 0, variant) + extra)))
     if not cfg["model"]["category_head"] or cfg["loss"]["category_weight"] == 0:
         cfg["model"]["category_head"], cfg["loss"]["category_weight"] = False, 0.0
     if not has_attributes:  # no attribute annotations: the attribute head and loss are never built
@@ -587,6 +631,7 @@ def _write(path: Path, rows: list[dict[str, Any]], s: dict[str, Any], summary: d
         "rows": rows,
         "summary": summary,
         "comparisons": comparisons,
+        **({"catalogue_only": catalogue_summary(rows)} if any(r["variant"] in CATALOGUE_VARIANTS for r in rows) else {}),
         "settings": {**s, "command": " ".join(["python bench/realphoto.py", *args.argv]),
                      "spread": "half the max-min range over seeds; sd: sample standard deviation over seeds",
                      "comparisons": "paired t test over shared seeds of a - b, in percentage points, two-sided p; "

@@ -101,7 +101,7 @@ def c2s(tmp_path: Path) -> Path:
 
 
 def test_formats_listed():
-    assert FORMATS == ["deepfashion-c2s", "inshop", "street2shop", "deepfashion2", "csv"]
+    assert FORMATS == ["deepfashion-c2s", "inshop", "street2shop", "deepfashion2", "csv", "folder", "folder-photos"]
 
 
 def test_c2s_reads_published_layout(c2s: Path):

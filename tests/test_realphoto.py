@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mmfl.data.consumer_views.hard import hard_view
+from mmfl.data.consumer_views.standard import consumer_view
 from mmfl.data.formats import read_dataset
 from mmfl.data.realphoto import (
     CSV_HEADER,
@@ -22,11 +24,9 @@ from mmfl.data.realphoto import (
     _ItemJob,
     build_realphoto,
     check_no_leak,
-    consumer_view,
     find_clothing_small,
     item_rng,
 )
-from mmfl.data.realphoto_hard import hard_view
 from mmfl.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,11 +67,11 @@ def test_views_are_deterministic_and_boxes_lie_inside(tmp_path: Path) -> None:
     stamp = (a / "dataset.csv").stat().st_mtime_ns
     assert build_realphoto(src, a, views=3, seed=0, size=64) == a / "dataset.csv"  # same parameters: reused
     assert (a / "dataset.csv").stat().st_mtime_ns == stamp
-    assert len(hashes) == 1 + 8 * 4  # the CSV plus shop + 3 views for each of 8 photos
+    assert len(hashes) == 2 + 8 * 4  # the two CSVs plus shop + 3 views for each of 8 photos
 
     # A subset renders each kept item exactly as the full build did; another seed renders differently.
     sub = build_realphoto(src, tmp_path / "sub", views=3, seed=0, size=64, max_items=2).parent
-    sub_hashes = {k: v for k, v in _tree_hashes(sub).items() if k != "dataset.csv"}
+    sub_hashes = {k: v for k, v in _tree_hashes(sub).items() if not k.endswith(".csv")}
     assert len(sub_hashes) == 2 * 2 * 4  # 2 items per split
     assert all(hashes[k] == v for k, v in sub_hashes.items())
     train_only = _rows(build_realphoto(src, tmp_path / "t", views=3, seed=0, size=64, max_items={"train": 1}).parent)
@@ -178,8 +178,8 @@ def test_distractors_are_unused_training_photos(tmp_path: Path) -> None:
     assert json.loads((out / "build.json").read_text())["items"] == {"train": 5, "val": 2, "test": 6}
     # The training subset is the one built without distractors, image for image.
     plain = _tree_hashes(build_realphoto(src, tmp_path / "p", views=1, seed=0, size=64, max_items={"train": 5}).parent)
-    assert {k: v for k, v in _tree_hashes(out).items() if "/test/" not in k and k != "dataset.csv"} == \
-        {k: v for k, v in plain.items() if k != "dataset.csv"}
+    assert {k: v for k, v in _tree_hashes(out).items() if "/test/" not in k and not k.endswith(".csv")} == \
+        {k: v for k, v in plain.items() if not k.endswith(".csv")}
     catalog = read_dataset(out, "csv")
     assert len(catalog.split(["val", DISTRACTOR_SPLIT], "shop")) == 8 and not catalog.split(DISTRACTOR_SPLIT, "consumer")
     with pytest.raises(DataError, match="only 7 training photos are left out"):

@@ -49,14 +49,27 @@ class BranchSpec:
 @dataclass
 class DataConfig:
     root: str = ""
-    format: Literal["deepfashion-c2s", "inshop", "street2shop", "deepfashion2", "csv"] = "deepfashion-c2s"
+    format: Literal["deepfashion-c2s", "inshop", "street2shop", "deepfashion2", "csv", "folder",
+                    "folder-photos"] = "deepfashion-c2s"
     train_split: str = "train"
     val_split: str = "val"
-    skip_bad: bool = False
+    # auto: a shop's photo folder (the folder formats) skips unreadable photos, one line each; an
+    # annotated dataset refuses them (its labels say the photo should be there). true/false: always.
+    skip_bad: Literal["auto", True, False] = "auto"
     num_workers: int = 2
     # gpu: loader workers only read JPEG bytes; decoding (nvJPEG) and the training augmentation run as
     # batched ops on the training device (mmfl.data.gpu_decode). Without CUDA: the CPU path, one notice.
     decode: Literal["cpu", "gpu"] = "cpu"
+    # Consumer-style views generated from shop photos (mmfl.data.generated_views): how hard (none = never),
+    # what share of the consumer side they make up ("auto": all of it on catalogue-only data, none where
+    # the training split has consumer photos), how many per item, their canvas (0 = 2 x input.size, at
+    # most 384), the seed of the held-out views validation and eval score on, and where those are cached.
+    views: Literal["none", "standard", "hard"] = "hard"
+    view_mix: str = "auto"
+    views_per_item: int = 3
+    view_size: int = 0
+    view_seed: int = 0
+    view_cache: str = ""
 
 
 @dataclass
@@ -275,6 +288,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.cuda_graph: compile_mode {cfg.train.compile_mode} makes its own CUDA graphs; "
                           "use default or max-autotune-no-cudagraphs with it")
     _check_training_numbers(cfg.train)
+    _check_views(cfg.data)
     _check_box(cfg)
     if not 0.0 <= cfg.loss.cross_domain_weight <= 1.0:
         raise ConfigError(f"loss.cross_domain_weight: {cfg.loss.cross_domain_weight} must lie in [0, 1]")
@@ -291,6 +305,27 @@ def _check_training_numbers(t: TrainConfig) -> None:
         raise ConfigError(f"train.lr: {t.lr} must be a positive number")
     if not (math.isfinite(t.weight_decay) and t.weight_decay >= 0):
         raise ConfigError(f"train.weight_decay: {t.weight_decay} must be 0 or a positive number")
+
+
+def view_mix(data: DataConfig) -> float | None:
+    """``data.view_mix`` as a share in [0, 1], or None for ``auto`` (decided by the data)."""
+    if data.view_mix == "auto":
+        return None
+    try:
+        share = float(data.view_mix)
+    except ValueError:
+        raise ConfigError(f"data.view_mix: {data.view_mix!r} is not auto or a number in [0, 1]") from None
+    if not 0.0 <= share <= 1.0:
+        raise ConfigError(f"data.view_mix: {data.view_mix} must lie in [0, 1] (or be auto)")
+    return share
+
+
+def _check_views(data: DataConfig) -> None:
+    view_mix(data)
+    if data.views_per_item < 1:
+        raise ConfigError(f"data.views_per_item: {data.views_per_item} must be at least 1")
+    if data.view_size != 0 and data.view_size < 32:
+        raise ConfigError(f"data.view_size: {data.view_size} is too small (0 = automatic, else 32 or more)")
 
 
 def _check_box(cfg: Config) -> None:

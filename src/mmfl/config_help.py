@@ -20,9 +20,17 @@ HELP: dict[str, str] = {
     "data.format": "dataset layout read from data.root (docs/datasets.md)",
     "data.train_split": "split whose images train the model",
     "data.val_split": "split used for validation each epoch and for choosing attribute thresholds",
-    "data.skip_bad": "count and skip unreadable images and bad annotation lines instead of failing",
+    "data.skip_bad": "unreadable images and bad annotation lines: true = count and skip, false = fail; auto = skip "
+                     "for the folder formats, fail for annotated datasets",
     "data.num_workers": "image decoding processes of the training loader",
     "data.decode": "where training JPEGs are decoded: cpu workers, or batched on the GPU (falls back to cpu)",
+    "data.views": "consumer-style views generated from shop photos (docs/datasets.md): hard, standard, or none",
+    "data.view_mix": "share of the training consumer images that are generated views, 0..1; auto = 1 when the "
+                     "training split has no consumer photo (a catalogue), else 0",
+    "data.views_per_item": "generated views per item: its consumer side each epoch, and its cached held-out views",
+    "data.view_size": "canvas of a generated view in pixels; 0 = twice input.size, at most 384",
+    "data.view_seed": "seed of the held-out views that validation and eval score on (fixed across runs)",
+    "data.view_cache": "folder caching held-out views; empty = $MMFL_CACHE or ~/.cache/mmfl, under views/",
     # input
     "input.size": "square input side in pixels; every image is resized to it (also for eval, index, search)",
     "input.flip": "random horizontal flips while training",
@@ -143,7 +151,7 @@ def describe_type(hint: Any) -> str:
     """A type as the user writes values of it: ``int``, ``one of a|b``, ``list of int``."""
     origin = get_origin(hint)
     if origin is Literal:
-        return "one of " + "|".join(str(v) for v in get_args(hint))
+        return "one of " + "|".join(str(v).lower() if isinstance(v, bool) else str(v) for v in get_args(hint))
     if origin is list:
         (item,) = get_args(hint)
         return "list of " + ("mappings" if dataclasses.is_dataclass(item) else describe_type(item))

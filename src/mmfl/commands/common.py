@@ -24,6 +24,18 @@ def add_progress_arg(parser: argparse.ArgumentParser) -> None:
                         help="no progress reports (bars on a terminal, periodic lines in a log)")
 
 
+def add_skip_args(parser: argparse.ArgumentParser) -> None:
+    """``--skip-bad`` / ``--strict``: what an unreadable image or bad annotation line does (``args.skip_bad``:
+    True, False, or None for the format's default: a photo folder skips, an annotated dataset refuses)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--skip-bad", dest="skip_bad", action="store_const", const=True, default=None,
+                       help="count and skip unreadable images and bad annotation lines, one line each "
+                            "(the default for the folder formats)")
+    group.add_argument("--strict", dest="skip_bad", action="store_const", const=False,
+                       help="stop at the first unreadable image or bad annotation line (the default for "
+                            "annotated datasets)")
+
+
 def add_extraction_args(parser: argparse.ArgumentParser) -> None:
     """``--batch-size``, ``--device``, ``--workers`` and ``--decode`` of the commands that embed a whole split."""
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
@@ -39,12 +51,3 @@ def decode_device_for(choice: str, device: "torch.device") -> "torch.device | No
     from mmfl.data.gpu_decode import pick_decode_device
 
     return pick_decode_device(choice, device)
-
-
-def resolve_device(name: str = "auto") -> "torch.device":
-    """``auto`` picks CUDA when present, else CPU; anything else is passed to torch."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)

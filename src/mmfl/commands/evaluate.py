@@ -5,12 +5,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import get_args, get_type_hints
+from typing import Any, get_args, get_type_hints
 
-from mmfl.commands.common import add_extraction_args, add_progress_arg
+from mmfl.commands.common import add_extraction_args, add_progress_arg, add_skip_args
 from mmfl.config import DataConfig
 
 FORMATS = list(get_args(get_type_hints(DataConfig)["format"]))
+VIEW_PROTOCOLS = list(get_args(get_type_hints(DataConfig)["views"]))
 #: Skip reasons printed before "... and N more" (all of them go to the JSON).
 SHOWN_SKIPS = 5
 #: Above this many categories the CMC plot shows the overall curve only (a legible legend).
@@ -33,7 +34,10 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (memory ~ (queries+gallery)^2)")
     p.add_argument("--within-category", action="store_true",
                    help="search each query's own category only (the Street2Shop protocol)")
-    p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping")
+    p.add_argument("--views", choices=VIEW_PROTOCOLS,
+                   help="a query split without consumer photos (a catalogue) is scored on generated views of its shop "
+                        "photos, rendered once and cached (default: the checkpoint's data.views; none: refuse)")
+    add_skip_args(p)
     p.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
     p.add_argument("--plots", metavar="DIR", help="write cmc.png and ranked.png to DIR")
     add_extraction_args(p)
@@ -43,16 +47,16 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
 
 def run(args: argparse.Namespace) -> int:
     from mmfl.checkpoint import load_model
-    from mmfl.commands.common import decode_device_for, resolve_device
+    from mmfl.commands.common import decode_device_for
+    from mmfl.devices import resolve_device
     from mmfl.data.formats import read_dataset
     from mmfl.evaluate import run_evaluation
 
     device = resolve_device(args.device)
     model = load_model(args.checkpoint, device)
     fmt = args.format or model.meta["config"]["data"]["format"]
-    # --skip-bad must catch images that break only when decoded (a truncated JPEG), not die on them
-    # half-way through embedding: decode each one up front then.
-    catalog = read_dataset(args.data, fmt, skip_bad=args.skip_bad, check_images="decode" if args.skip_bad else "header")
+    catalog, generated = with_query_views(read_dataset(args.data, fmt, skip_bad=args.skip_bad, check_images=None),
+                                          model.meta, args.split, args.views, args.workers)
     gallery_splits = [s for s in (args.gallery_splits or "").split(",") if s] or None
     ev = run_evaluation(
         model, catalog, split=args.split, gallery_splits=gallery_splits,
@@ -66,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         "checkpoint_sha256": model.meta["checkpoint_sha256"],
         "data": str(args.data),
         "format": fmt,
+        "generated_queries": generated,
         "num_skipped": len(catalog.skipped),
         "skipped": list(catalog.skipped),
     }
@@ -81,12 +86,37 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def with_query_views(catalog: Any, meta: dict, split: str, views: str | None, workers: int) -> tuple[Any, dict | None]:
+    """The catalogue with generated views as the queries of ``split`` when it has no consumer photo, and
+    what they are (None when the data's own photos are the queries).
+
+    The views are the checkpoint's kind (``data.views``, size, count and ``data.view_seed``), or
+    ``views``; rendered once into the cache, so every evaluation of the folder scores the same queries.
+    """
+    from mmfl.config import config_from_dict
+    from mmfl.data.consumer_views import RENDER_VERSIONS
+    from mmfl.data.generated_views import plan_views, with_held_out_views
+
+    cfg = config_from_dict(meta["config"])
+    if views is not None:
+        cfg.data.views = views
+    plan = plan_views(cfg, catalog, for_training=False)
+    if plan is None or any(r.domain == "consumer" for r in catalog.split(split)):
+        return catalog, None
+    return with_held_out_views(catalog, [split], plan, workers), {
+        "protocol": plan.protocol, "render_version": RENDER_VERSIONS[plan.protocol], "per_item": plan.per_item,
+        "size": plan.size, "seed": plan.held_out_seed}
+
+
 def format_report(result: dict) -> str:
     """A header naming the protocol, then one table row for all queries and one per category."""
     extras = [name.replace("_", " ") for name in ("flip", "rerank", "within_category") if result.get(name)]
     ks = _ks(result)
+    generated = result.get("generated_queries")
+    queries = (f"{generated['per_item']} generated {generated['protocol']} views per item (seed {generated['seed']})"
+               if generated else "consumer images")
     lines = [
-        f"queries: consumer images of '{result['split']}'; gallery: shop images of "
+        f"queries: {queries} of '{result['split']}'; gallery: shop images of "
         f"'{','.join(result['gallery_splits'])}'" + (f"; with {' + '.join(extras)}" if extras else ""),
         f"{result['num_queries']} queries with a match, {result['num_queries_without_match']} without "
         f"(not scored), {result['num_gallery']} gallery images",

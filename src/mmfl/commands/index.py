@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmfl.commands.common import add_extraction_args, add_progress_arg
+from mmfl.commands.common import add_extraction_args, add_progress_arg, add_skip_args
 
 
 def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -12,9 +12,11 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     parser.add_argument("checkpoint", nargs="?", help="trained checkpoint (.pt); not needed with --remove")
     parser.add_argument("--data", help="dataset root folder (required unless --remove)")
     parser.add_argument("--format", dest="fmt",
-                        help="dataset format: deepfashion-c2s, inshop, street2shop, deepfashion2 or csv "
-                             "(required unless --remove)")
-    parser.add_argument("--split", default="test", help="split whose shop images form the gallery (default: test)")
+                        help="dataset format: deepfashion-c2s, inshop, street2shop, deepfashion2, csv, folder or "
+                             "folder-photos (required unless --remove)")
+    parser.add_argument("--split", default="test",
+                        help="split(s) whose shop images form the gallery: a name, a comma-separated list, or all "
+                             "(default: test)")
     parser.add_argument("--out", required=True, help="index folder (created, rebuilt, or extended with --add)")
     parser.add_argument("--backend", choices=("faiss", "milvus"), default=None,
                         help="faiss: files in --out (default); milvus: a Milvus collection (manifest in --out)")
@@ -28,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
                         help="remove these items (all their images) from the index in --out: comma-separated item "
                              "ids, or @FILE with one id per line; an id not in the index is an error and nothing is "
                              "removed. A running 'mmfl serve' of the index sees the change at its next search")
-    parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images/annotations instead of failing")
+    add_skip_args(parser)
     add_extraction_args(parser)
     add_progress_arg(parser)
     parser.set_defaults(func=run)
@@ -83,7 +85,8 @@ def remove(index: str, ids: list[str]) -> int:
 
 def build(args: argparse.Namespace) -> int:
     from mmfl.checkpoint import load_model
-    from mmfl.commands.common import decode_device_for, resolve_device
+    from mmfl.commands.common import decode_device_for
+    from mmfl.devices import resolve_device
     from mmfl.data.formats import read_dataset
     from mmfl.errors import DataError
     from mmfl.index.build import build_index
@@ -92,13 +95,14 @@ def build(args: argparse.Namespace) -> int:
     # --add keeps the existing backend and kind unless told otherwise; a new index is exact FAISS by default.
     existing = read_manifest(args.out) if args.add else {"backend": "faiss", "kind": "flat"}
     backend, kind = args.backend or existing["backend"], args.kind or existing["kind"]
-    # Under --skip-bad every image is decoded up front, so one that breaks only when decoded (a
-    # truncated JPEG) is a counted skip rather than the end of the build half-way through embedding.
-    catalog = read_dataset(args.data, args.fmt, skip_bad=args.skip_bad,
-                           check_images="decode" if args.skip_bad else "header")
+    # Skipping decodes every image up front, so one that breaks only when decoded (a truncated
+    # JPEG) is a counted skip rather than the end of the build half-way through embedding.
+    catalog = read_dataset(args.data, args.fmt, skip_bad=args.skip_bad, check_images=None)
     for reason in catalog.skipped:
         print(f"skipped: {reason}", file=sys.stderr)
-    gallery = catalog.split(args.split, domain="shop")
+    splits = sorted({r.split for r in catalog.records}) if args.split == "all" else \
+        [s.strip() for s in args.split.split(",") if s.strip()]
+    gallery = catalog.split(splits, domain="shop")
     if not gallery:
         raise DataError(f"{args.data}: no shop images in split '{args.split}'")
     device = resolve_device(args.device)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from mmfl.commands.common import add_config_args, add_progress_arg
+from mmfl.commands.common import add_config_args, add_progress_arg, add_skip_args
 
 
 def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -14,6 +14,7 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     )
     add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/last.pt")
+    add_skip_args(p)
     add_progress_arg(p)
     p.set_defaults(func=run)
 
@@ -22,7 +23,8 @@ def run(args: argparse.Namespace) -> int:
     from mmfl.config import load_config
     from mmfl.train import train
 
-    cfg = load_config(args.config, args.overrides)
+    skip = [] if args.skip_bad is None else [f"data.skip_bad={str(args.skip_bad).lower()}"]
+    cfg = load_config(args.config, [*args.overrides, *skip])
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"checkpoint: {result.last_checkpoint}")
     if result.best_checkpoint is not None:

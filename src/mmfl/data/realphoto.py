@@ -3,31 +3,21 @@
 ``clothing-small`` (see its README in the shared folder) holds one photo per garment in 10
 class folders. Real consumer photos of the same garments do not exist, so each photo becomes
 one *item*: the clean photo, resized, is its shop image, and ``views`` consumer-style views are
-rendered from it by :func:`consumer_view`, a seeded transform that imitates what separates a
-street photo from a catalogue photo:
+rendered from it by :func:`mmfl.data.consumer_views.render_view` (the ``standard`` or ``hard``
+protocol; every step and range is listed in :mod:`mmfl.data.consumer_views.standard` and
+:mod:`mmfl.data.consumer_views.hard`), the same renderer ``mmfl train`` uses on catalogue-only
+data. Each view records the garment's box, as a detector would give for a street photo. The
+random stream of an item is derived from ``(seed, split, item id, protocol)`` alone
+(:func:`item_rng`), so worker count, ``max_items`` and build order never change an item's views,
+and the two protocols never share a stream. This measures instance-level retrieval on real
+photographs under synthetic consumer-style changes, **not** the true consumer-to-shop gap (real
+street photos differ in pose, wear, lighting and the garment's shape on a body).
 
-1. **crop / zoom**: keep 75-100 % of the photo's width and height at a random offset;
-2. **perspective**: each corner moves by up to 12 % of the side (a camera not facing the garment);
-3. **rotation**: -20..20 degrees (a tilted phone);
-4. **background composite**: the warped photo is scaled to 50-85 % of the canvas and pasted at a
-   random place on procedural clutter (a two-colour gradient, 6-15 random ellipses, rectangles,
-   polygons and lines, sensor noise, defocus blur), edges feathered;
-5. **partial occlusion** (60 % of views): an ellipse or rectangle (a hand, a bag, a chair) covering
-   8-25 % of the garment's box, placed so that it overlaps the garment;
-6. **colour cast**: per-channel gains 0.8-1.2, brightness 0.7-1.25, contrast 0.7-1.2, gamma 0.8-1.25;
-7. **blur and noise** (blur in 50 % of views, radius up to 1.5 px at 256 px), then JPEG quality 60-92.
-
-Each view records the garment's box (the warped photo's visible extent, clipped to the canvas),
-as a detector would give for a street photo. The random stream of an item is derived from
-``(seed, split, item id)`` alone, so worker count, ``max_items`` and build order never change an
-item's views. This measures instance-level retrieval on real photographs under synthetic
-consumer-style changes, **not** the true consumer-to-shop gap (real street photos differ in pose,
-wear, lighting and the garment's shape on a body).
-
-``protocol="hard"`` renders the queries with :func:`mmfl.data.realphoto_hard.hard_view`
-instead (non-rigid warp, partial views, strong lighting, low resolution, motion blur, heavier
-occlusion; listed in that module), from its own random stream, so ``standard`` views are
-unchanged by it.
+**Catalogue only.** ``catalogue.csv`` beside ``dataset.csv`` is the same benchmark with the
+training split as a shop has it: one row per training item naming the original photo, no
+consumer image, no box. ``mmfl train`` on it generates the consumer views on the fly
+(:mod:`mmfl.data.generated_views`) instead of reading the pre-rendered ones; validation, queries
+and distractors are the very rows of ``dataset.csv``, so the two trainings are scored alike.
 
 **Distractors.** ``distractors=N`` adds the shop images of N training photos that the
 ``max_items["train"]`` subset leaves out (the next N in the same seeded order), as split
@@ -40,21 +30,21 @@ Only rendered views and resized copies are written, and only under ``out`` (neve
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import multiprocessing
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image
 
 from mmfl.atomic import atomic_write_text
-from mmfl.data.images import open_image
-from mmfl.data.records import Box
+from mmfl.data.consumer_views import (
+    RENDER_VERSIONS, check_protocol, key_digest, open_view_source, render_view, view_rng,
+)
 from mmfl.errors import DataError
 
 #: Source folder name -> split name in the written dataset (the trainer's defaults are train/val).
@@ -62,11 +52,10 @@ SPLIT_NAMES = {"train": "train", "validation": "val"}
 CSV_HEADER = ["path", "item_id", "domain", "split", "x1", "y1", "x2", "y2", "category"]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DATASET_DIR = Path("data") / "clothing-small"
-#: Per protocol, bumped whenever its rendering changes, so a cached build is never reused across versions.
-RENDER_VERSIONS = {"standard": 1, "hard": 1}
-PROTOCOLS = tuple(RENDER_VERSIONS)
 #: The split the distractor shop images are written under (never read by the trainer).
 DISTRACTOR_SPLIT = "test"
+#: The benchmark with its training split as a bare catalogue (written beside ``dataset.csv``).
+CATALOGUE_NAME = "catalogue.csv"
 
 
 def find_clothing_small(src: str | Path | None = None) -> Path | None:
@@ -117,7 +106,8 @@ def build_realphoto(
     protocol: str = "standard",
     distractors: int = 0,
 ) -> Path:
-    """Render the benchmark into ``out`` and return ``out/dataset.csv`` (the ``csv`` format).
+    """Render the benchmark into ``out`` and return ``out/dataset.csv`` (the ``csv`` format; ``catalogue.csv``
+    beside it holds the same data with the training split as a bare catalogue, see the module docstring).
 
     ``max_items`` caps the items of each split (an int), or of the split folders a mapping names
     (``{"train": 300}`` keeps the whole validation split); the subset is a seeded hash order, so
@@ -127,8 +117,7 @@ def build_realphoto(
     parameters is reused as it is (``build.json`` records them).
     """
     src, out = Path(src), Path(out)
-    if protocol not in RENDER_VERSIONS:
-        raise DataError(f"protocol: unknown protocol '{protocol}' (choose from {', '.join(PROTOCOLS)})")
+    check_protocol(protocol)
     if distractors < 0:
         raise DataError(f"distractors: {distractors} must be 0 or more")
     if views < 1:
@@ -143,7 +132,7 @@ def build_realphoto(
               "views": views, "seed": seed, "size": size, "max_items": {f: caps.get(f) for f in splits},
               "splits": list(splits), "distractors": distractors}
     csv_path, manifest = out / "dataset.csv", out / "build.json"
-    if csv_path.is_file() and manifest.is_file():
+    if csv_path.is_file() and (out / CATALOGUE_NAME).is_file() and manifest.is_file():
         try:
             if json.loads(manifest.read_text(encoding="utf-8")).get("params") == params:
                 return csv_path
@@ -168,16 +157,26 @@ def build_realphoto(
     else:
         per_item = [_render_item(job) for job in jobs]
 
-    table = io.StringIO(newline="")
-    writer = csv.writer(table)
-    writer.writerow(CSV_HEADER)
-    for rows in per_item:
-        writer.writerows(rows)
-    atomic_write_text(csv_path, table.getvalue())
+    catalogue = [
+        row
+        for job, rows in zip(jobs, per_item)
+        for row in ([[str(Path(job.source).resolve()), job.stem, "shop", job.split, "", "", "", "", job.category]]
+                    if job.split == SPLIT_NAMES["train"] else rows)
+    ]
+    atomic_write_text(csv_path, _csv_text([row for rows in per_item for row in rows]))
+    atomic_write_text(out / CATALOGUE_NAME, _csv_text(catalogue))
     counts = {name: sum(1 for j in jobs if j.split == name)
               for name in [SPLIT_NAMES[f] for f in splits] + ([DISTRACTOR_SPLIT] if distractors else [])}
     manifest.write_text(json.dumps({"params": params, "items": counts}, indent=2) + "\n", encoding="utf-8")
     return csv_path
+
+
+def _csv_text(rows: list[list]) -> str:
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(CSV_HEADER)
+    writer.writerows(rows)
+    return table.getvalue()
 
 
 def _list_photos(src: Path, folder: str) -> list[tuple[Path, str]]:
@@ -198,7 +197,7 @@ def _list_photos(src: Path, folder: str) -> list[tuple[Path, str]]:
 
 def _ranked(photos: list[tuple[Path, str]], seed: int) -> list[int]:
     """Indices of ``photos`` in the seeded hash order that both the subset and the distractors follow."""
-    return sorted(range(len(photos)), key=lambda i: _digest(f"subset:{seed}:{photos[i][0].stem}"))
+    return sorted(range(len(photos)), key=lambda i: key_digest("subset", seed, photos[i][0].stem))
 
 
 def _select(photos: list[tuple[Path, str]], max_items: int | None, seed: int) -> list[tuple[Path, str]]:
@@ -243,47 +242,28 @@ def _check_unique(jobs: list[_ItemJob]) -> None:
         seen[job.stem] = job.source
 
 
-def _digest(text: str) -> int:
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
-
-
 def item_rng(seed: int, split: str, item_id: str, protocol: str = "standard") -> np.random.Generator:
-    """The random stream of one item: a function of (seed, split, item, protocol) only.
-
-    The standard stream keeps its original key, so adding protocols never changed its views.
-    """
-    prefix = "realphoto" if protocol == "standard" else f"realphoto-{protocol}"
-    return np.random.default_rng(_digest(f"{prefix}:{seed}:{split}:{item_id}"))
-
-
-def view_renderer(protocol: str) -> Callable[[Image.Image, np.random.Generator, int], tuple[Image.Image, Box, int]]:
-    """The query renderer of a protocol: ``(photo, rng, size) -> (view, garment box, JPEG quality)``."""
-    if protocol == "standard":
-        return consumer_view
-    if protocol == "hard":
-        from mmfl.data.realphoto_hard import hard_view  # imports this module's helpers, so imported late
-
-        return hard_view
-    raise DataError(f"protocol: unknown protocol '{protocol}' (choose from {', '.join(PROTOCOLS)})")
+    """The random stream of one item's views, drawn one after the other: a function of (seed, split, item,
+    protocol) only. The standard stream keeps its original key, so adding protocols never changed its views."""
+    return view_rng("realphoto" if protocol == "standard" else f"realphoto-{protocol}", seed, split, item_id)
 
 
 def _render_item(job: _ItemJob) -> list[list[str]]:
     """Write one item's shop image and views; return its CSV rows."""
-    photo = open_image(job.source)
+    photo = open_view_source(job.source, job.size)
     rel_dir = Path("images") / job.split / job.category
     (Path(job.out) / rel_dir).mkdir(parents=True, exist_ok=True)
     rng = item_rng(job.seed, job.split, job.stem, job.protocol)
-    render = view_renderer(job.protocol)
 
     shop = shop_image(photo, job.size)
     shop_rel = rel_dir / f"{job.stem}_shop.jpg"
     shop.save(Path(job.out) / shop_rel, quality=95)
     rows = [[shop_rel.as_posix(), job.stem, "shop", job.split, 0, 0, shop.width, shop.height, job.category]]
     for k in range(1, job.views + 1):
-        view, box, quality = render(photo, rng, job.size)
+        view = render_view(photo, rng, job.size, job.protocol)
         view_rel = rel_dir / f"{job.stem}_v{k}.jpg"
-        view.save(Path(job.out) / view_rel, quality=quality)
-        rows.append([view_rel.as_posix(), job.stem, "consumer", job.split, *box, job.category])
+        (Path(job.out) / view_rel).write_bytes(view.jpeg)
+        rows.append([view_rel.as_posix(), job.stem, "consumer", job.split, *view.box, job.category])
     return rows
 
 
@@ -291,129 +271,3 @@ def shop_image(photo: Image.Image, size: int) -> Image.Image:
     """The clean photo with its long side resized to ``size`` (aspect kept)."""
     scale = size / max(photo.size)
     return photo.resize((max(1, round(photo.width * scale)), max(1, round(photo.height * scale))), Image.BICUBIC)
-
-
-def consumer_view(photo: Image.Image, rng: np.random.Generator, size: int) -> tuple[Image.Image, Box, int]:
-    """One consumer-style ``size`` x ``size`` view of ``photo``: (image, garment box, JPEG quality).
-
-    The steps and their ranges are listed in the module docstring; the box is the warped
-    photo's extent on the canvas, always inside the image and never empty.
-    """
-    canvas = clutter_background(rng, size)
-
-    # Crop / zoom.
-    fw, fh = rng.uniform(0.75, 1.0, size=2)
-    cw, ch = max(8, round(photo.width * fw)), max(8, round(photo.height * fh))
-    x0, y0 = rng.integers(0, photo.width - cw + 1), rng.integers(0, photo.height - ch + 1)
-    garment = photo.crop((int(x0), int(y0), int(x0) + cw, int(y0) + ch))
-    scale = size * rng.uniform(0.5, 0.85) / max(garment.size)
-    garment = garment.resize((max(8, round(cw * scale)), max(8, round(ch * scale))), Image.BICUBIC).convert("RGBA")
-
-    # Perspective then rotation, carried by the alpha channel (transparent outside the photo).
-    garment = _perspective(garment, rng, 0.12)
-    garment = garment.rotate(float(rng.uniform(-20, 20)), resample=Image.BICUBIC, expand=True)
-    # Background composite at a random place.
-    box = paste_garment(canvas, garment, rng)
-
-    if rng.random() < 0.6:
-        _occlude(canvas, box, rng)
-    canvas = _colour_cast(canvas, rng)
-    if rng.random() < 0.5:
-        canvas = canvas.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.5)) * size / 256))
-    canvas = _add_noise(canvas, rng, float(rng.uniform(0.0, 6.0)))
-    return canvas, box, int(rng.integers(60, 93))
-
-
-def paste_garment(canvas: Image.Image, garment: Image.Image, rng: np.random.Generator) -> Box:
-    """Paste the RGBA ``garment`` (shrunk to fit the square ``canvas``, edges feathered) at a random place;
-    returns the box of its opaque part, clipped to the canvas: the garment's box a detector would give."""
-    size = canvas.width
-    if max(garment.size) > size:
-        fit = size / max(garment.size)
-        garment = garment.resize((max(8, int(garment.width * fit)), max(8, int(garment.height * fit))), Image.BICUBIC)
-    alpha = garment.getchannel("A")
-    solid = alpha.point(lambda a: 255 if a > 127 else 0)
-    garment.putalpha(alpha.filter(ImageFilter.GaussianBlur(0.8)))
-    ox = int(rng.integers(0, size - garment.width + 1))
-    oy = int(rng.integers(0, size - garment.height + 1))
-    canvas.paste(garment, (ox, oy), garment)
-    bx1, by1, bx2, by2 = solid.getbbox() or (0, 0, garment.width, garment.height)
-    return (ox + bx1, oy + by1, min(size, ox + bx2), min(size, oy + by2))
-
-
-def clutter_background(rng: np.random.Generator, size: int) -> Image.Image:
-    """Procedural clutter: a gradient between two colours, random shapes, noise and defocus."""
-    c0, c1 = rng.uniform(0, 255, size=(2, 3))
-    angle = rng.uniform(0, 2 * np.pi)
-    yy, xx = np.mgrid[0:size, 0:size] / max(1, size - 1)
-    t = np.clip(0.5 + (xx - 0.5) * np.cos(angle) + (yy - 0.5) * np.sin(angle), 0, 1)[..., None]
-    base = Image.fromarray((c0 * (1 - t) + c1 * t).astype(np.uint8), "RGB")
-
-    overlay = Image.new("RGBA", (size, size), (0, 0, 0, 0))
-    draw = ImageDraw.Draw(overlay)
-    for _ in range(int(rng.integers(6, 16))):
-        colour = tuple(int(v) for v in rng.integers(0, 256, size=3)) + (int(rng.integers(120, 256)),)
-        x1, y1 = rng.uniform(-0.2, 1.0, size=2) * size
-        w, h = rng.uniform(0.05, 0.5, size=2) * size
-        kind = int(rng.integers(0, 4))
-        if kind == 0:
-            draw.ellipse((x1, y1, x1 + w, y1 + h), fill=colour)
-        elif kind == 1:
-            draw.rectangle((x1, y1, x1 + w, y1 + h), fill=colour)
-        elif kind == 2:
-            points = [tuple(p) for p in (rng.uniform(0, 1, size=(int(rng.integers(3, 7)), 2)) * size)]
-            draw.polygon(points, fill=colour)
-        else:
-            draw.line((x1, y1, x1 + w, y1 + h), fill=colour, width=max(1, int(rng.integers(1, 6)) * size // 128))
-    base.paste(overlay, (0, 0), overlay)
-    base = _add_noise(base, rng, float(rng.uniform(2.0, 10.0)))
-    return base.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.5, 2.0)) * size / 256))
-
-
-def _perspective(img: Image.Image, rng: np.random.Generator, strength: float) -> Image.Image:
-    """Move each corner by up to ``strength`` of the side, onto a canvas that holds the result."""
-    w, h = img.size
-    src = np.array([[0, 0], [w, 0], [w, h], [0, h]], dtype=np.float64)
-    dst = src + rng.uniform(-strength, strength, size=(4, 2)) * [w, h]
-    dst -= dst.min(axis=0)
-    out_w, out_h = (int(np.ceil(v)) for v in dst.max(axis=0))
-    # PIL maps output -> input pixels: solve for the homography taking dst corners to src corners.
-    rows, rhs = [], []
-    for (x, y), (u, v) in zip(dst, src):
-        rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
-        rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
-        rhs += [u, v]
-    coeffs = np.linalg.solve(np.array(rows), np.array(rhs))
-    return img.transform((max(8, out_w), max(8, out_h)), Image.PERSPECTIVE, tuple(coeffs), Image.BICUBIC)
-
-
-def _occlude(canvas: Image.Image, box: Box, rng: np.random.Generator,
-             area_share: tuple[float, float] = (0.08, 0.25), aspect_range: tuple[float, float] = (0.5, 2.0)) -> None:
-    """Draw an opaque ellipse or rectangle covering ``area_share`` of the box (8-25 % by default), centred inside it."""
-    x1, y1, x2, y2 = box
-    bw, bh = x2 - x1, y2 - y1
-    area = rng.uniform(*area_share) * bw * bh
-    aspect = rng.uniform(*aspect_range)
-    ow, oh = np.sqrt(area * aspect), np.sqrt(area / aspect)
-    cx, cy = rng.uniform(x1, x2), rng.uniform(y1, y2)
-    shape = (cx - ow / 2, cy - oh / 2, cx + ow / 2, cy + oh / 2)
-    colour = tuple(int(v) for v in rng.integers(0, 256, size=3))
-    draw = ImageDraw.Draw(canvas)
-    if rng.random() < 0.5:
-        draw.ellipse(shape, fill=colour)
-    else:
-        draw.rectangle(shape, fill=colour)
-
-
-def _colour_cast(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """Lighting: per-channel gains, brightness, contrast around the mean, and gamma."""
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    arr = arr * rng.uniform(0.8, 1.2, size=3) * rng.uniform(0.7, 1.25)
-    arr = (arr - arr.mean()) * rng.uniform(0.7, 1.2) + arr.mean()
-    arr = np.clip(arr, 0, 1) ** rng.uniform(0.8, 1.25)
-    return Image.fromarray((arr * 255.0 + 0.5).astype(np.uint8), "RGB")
-
-
-def _add_noise(img: Image.Image, rng: np.random.Generator, sigma: float) -> Image.Image:
-    arr = np.asarray(img, dtype=np.float32) + rng.normal(0.0, sigma, size=(img.height, img.width, 3))
-    return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "RGB")

@@ -18,7 +18,12 @@ Box = tuple[int, int, int, int]
 
 @dataclass(frozen=True)
 class Record:
-    """One image of one item: ``path`` is absolute, ``box`` is (x1, y1, x2, y2) in pixels or None."""
+    """One image of one item: ``path`` is absolute, ``box`` is (x1, y1, x2, y2) in pixels or None.
+
+    ``view`` > 0 marks a consumer image that exists only as the ``view``-th consumer-style view
+    generated from the shop photo at ``path`` while training (:mod:`mmfl.data.generated_views`);
+    its pixels and box are drawn anew each epoch, so ``box`` is None.
+    """
 
     path: str
     item_id: str
@@ -27,6 +32,7 @@ class Record:
     box: Box | None = None
     category: str | None = None
     source: str = ""
+    view: int = 0
 
 
 @dataclass
@@ -94,7 +100,7 @@ class Catalog:
                 line += f", {len(no_shop)} items without a shop image (queries without a match)"
             lines.append(line)
         if self.skipped:
-            lines.append(f"skipped: {len(self.skipped)} records (reasons listed by the reader)")
+            lines.append(f"{len(self.skipped)} records skipped (each one named where it was read)")
         return "\n".join(lines)
 
 

@@ -25,7 +25,10 @@ from mmfl.atomic import atomic_write_text
 from mmfl.checkpoint import atomic_save, model_payload, read_checkpoint
 from mmfl.config import Config, config_from_dict, config_to_dict, dump_config
 from mmfl.data.dataset import EncodedRecordDataset, RecordDataset
-from mmfl.data.formats import read_dataset
+from mmfl.data.formats import read_dataset, skips_bad
+from mmfl.data.generated_views import (
+    ViewMaker, ViewPlan, check_view_sources, plan_views, training_records, with_held_out_views,
+)
 from mmfl.data.gpu_decode import DeviceBatches, TrainAugment, collate_encoded, pick_decode_device
 from mmfl.data.records import Catalog, Record
 from mmfl.data.sampler import PKSampler
@@ -64,6 +67,7 @@ class TrainData:
     attributes: torch.Tensor  # (num_items, A) int8 in {1,-1,0}
     record_categories: torch.Tensor  # (N,) long, -1 unknown
     record_domains: torch.Tensor  # (N,) long, 0 = consumer, 1 = shop
+    views: ViewPlan | None = None  # generated consumer views (None: the data's own photos only)
 
     @property
     def num_items(self) -> int:
@@ -71,23 +75,31 @@ class TrainData:
 
 
 def prepare_data(cfg: Config) -> TrainData:
-    """Read the dataset and index the training split (labels in first-seen item order)."""
+    """Read the dataset and index the training split (labels in first-seen item order), with the virtual
+    records of generated consumer views where the data has no consumer photos (:func:`plan_views`)."""
     if not cfg.data.root:
         raise TrainingError("data.root is not set (give data.root=DIR)")
-    # With skip_bad, decode every image up front: a truncated JPEG is then a counted skip, not a
+    # Skipping bad images decodes every one up front: a truncated JPEG is then a counted skip, not a
     # crash hours into the run (its header alone reads fine).
-    catalog = read_dataset(cfg.data.root, cfg.data.format, skip_bad=cfg.data.skip_bad,
-                           check_images="decode" if cfg.data.skip_bad else "header")
+    skip_bad = skips_bad(cfg.data.skip_bad, cfg.data.format)
+    catalog = read_dataset(cfg.data.root, cfg.data.format, skip_bad=skip_bad, check_images=None)
     records = catalog.split(cfg.data.train_split)
     if not records:
         raise TrainingError(f"{cfg.data.root}: no records in split '{cfg.data.train_split}'")
+    plan = plan_views(cfg, catalog)
+    if plan is not None:
+        records, too_small = check_view_sources(training_records(records, plan), skip_bad)
+        catalog.skipped.extend(too_small)
     items = catalog.items(records)
+    if len(items) < 2:
+        raise TrainingError(f"{cfg.data.root}: split '{cfg.data.train_split}' has {len(items)} item(s); telling "
+                            "products apart needs at least 2")
     labels = {item: i for i, item in enumerate(items)}
     attributes = torch.from_numpy(catalog.attribute_matrix(items))
     cat_index = {name: i for i, name in enumerate(catalog.category_names)}
     record_categories = torch.tensor([cat_index.get(r.category or "", -1) for r in records], dtype=torch.long)
     record_domains = torch.tensor([int(r.domain == "shop") for r in records], dtype=torch.long)
-    return TrainData(catalog, records, labels, attributes, record_categories, record_domains)
+    return TrainData(catalog, records, labels, attributes, record_categories, record_domains, plan)
 
 
 def train(cfg: Config, resume: bool = False, progress: bool = True) -> TrainResult:
@@ -109,7 +121,7 @@ def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: to
     _seed_everything(cfg.seed, cfg.train.deterministic)
 
     data = prepare_data(cfg)
-    if cfg.model.box_head:
+    if cfg.model.box_head and data.views is None:  # generated views bring their boxes
         from mmfl.train.boxes import check_box_data
 
         check_box_data(data.catalog, cfg)
@@ -155,7 +167,12 @@ def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: to
     if info.is_main:  # the first write
         _remove_torn_saves(ckpt_dir)
         dump_config(cfg, out / "config.yaml")
+        for reason in data.catalog.skipped:
+            _log(f"skipped: {reason}")
         _log(f"data: {cfg.data.root} ({cfg.data.format})\n" + data.catalog.summary())
+        if data.views is not None:
+            data.catalog = with_held_out_views(data.catalog, [cfg.data.val_split], data.views, cfg.data.num_workers)
+            _log(_views_summary(data, cfg.data.val_split))
         if ckpt is None and cfg.model.pretrained in ("", "none"):
             _log("warning: model.pretrained=none: the backbone starts from random weights, so retrieval stays "
                  "poor unless trained long; model.pretrained=imagenet (the default) starts from ImageNet")
@@ -228,6 +245,7 @@ def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: to
 
     for epoch in range(start_epoch, cfg.train.epochs):
         sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
         loader = train_batches(cfg, dataset, sampler, device, epoch, decode_device)
         train_model.train()
         sums: dict[str, float] = {}
@@ -314,7 +332,9 @@ def _train(cfg: Config, resume: bool, progress: bool, info: DistInfo, device: to
         if model.box_head is not None:
             from mmfl.train.boxes import run_box_stage
 
-            run_box_stage(model, data.catalog, cfg, device, [last_path, best_path], progress)
+            box_catalog = data.catalog if data.views is None else with_held_out_views(
+                data.catalog, [cfg.data.train_split], data.views, cfg.data.num_workers)
+            run_box_stage(model, box_catalog, cfg, device, [last_path, best_path], progress)
     barrier(info)
     if writer is not None:
         writer.close()
@@ -368,11 +388,12 @@ def train_dataset(cfg: Config, data: TrainData, decode_device: torch.device | No
     """The training records as a Dataset: decoded and augmented by the CPU workers, or with a
     ``decode_device`` (``data.decode=gpu``) only read there, for :func:`train_batches` to decode on the device."""
     min_size = train_source_size(cfg.input.size, cfg.input.crop_scale_min)
+    views = ViewMaker.for_records(data.views, data.records) if data.views is not None else None
     if decode_device is not None:
-        return EncodedRecordDataset(data.records, data.labels, min_size=min_size)
+        return EncodedRecordDataset(data.records, data.labels, min_size=min_size, views=views)
     inp = cfg.input
     transform = train_transform(inp.size, inp.flip, inp.crop_scale_min, inp.color_jitter, inp.random_erasing)
-    return RecordDataset(data.records, transform, data.labels, min_size=min_size)
+    return RecordDataset(data.records, transform, data.labels, min_size=min_size, views=views)
 
 
 def train_batches(cfg: Config, dataset: Dataset, sampler: PKSampler, device: torch.device, epoch: int,
@@ -395,6 +416,19 @@ def train_batches(cfg: Config, dataset: Dataset, sampler: PKSampler, device: tor
     inp = cfg.input
     return DeviceBatches(loader, decode_device,
                          TrainAugment(inp.size, inp.flip, inp.crop_scale_min, inp.color_jitter, inp.random_erasing), seed)
+
+
+def _views_summary(data: TrainData, val_split: str) -> str:
+    """One line on the generated views: what the training split gets, and what validation scores on."""
+    plan = data.views
+    virtual = sum(1 for r in data.records if r.view)
+    held = sum(1 for r in data.catalog.split(val_split, "consumer") if r.source.startswith("held-out"))
+    line = (f"generated views: {plan.protocol}, {plan.size} px canvas; training: {virtual} per epoch "
+            f"({plan.per_item} per catalogue-only item)")
+    if plan.mix < 1 and any(r.domain == "consumer" and not r.view for r in data.records):
+        line += f", and {plan.mix:.0%} of the real consumer photos replaced by views"
+    return line + (f"; validation: {held} held-out views of '{val_split}' (seed {plan.held_out_seed}, cached in "
+                   f"{plan.cache})" if held else "")
 
 
 def _resumable_checkpoint(last_path: Path, cfg: Config, meta: dict[str, Any]) -> dict[str, Any]:

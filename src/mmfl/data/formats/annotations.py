@@ -35,8 +35,9 @@ class Problems:
         self.skipped: list[str] = []
 
     def bad(self, where: str, reason: str) -> None:
-        """A malformed or impossible entry: an error, or a counted skip under ``skip_bad``."""
-        self.report(DataError(f"{where}: {reason}"))
+        """A malformed or impossible entry: an error, or a counted skip under ``skip_bad``. ``where`` is
+        the ``file:line`` that named it, empty for a photo no annotation names (a photo folder)."""
+        self.report(DataError(f"{where}: {reason}" if where else reason))
 
     def report(self, error: DataError) -> None:
         """Raise ``error``, or under ``skip_bad`` count its message."""
