@@ -121,7 +121,7 @@ def tilt(img: Image.Image, rng: np.random.Generator, strength: float, max_degree
         rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
         rhs += [u, v]
     coeffs = np.linalg.solve(np.array(rows), np.array(rhs))
-    return img.transform((out_w, out_h), Image.PERSPECTIVE, tuple(coeffs), Image.BILINEAR)
+    return img.transform((out_w, out_h), Image.PERSPECTIVE, tuple(coeffs), Image.BICUBIC)
 
 
 def occlude(canvas: Image.Image, box: Box, rng: np.random.Generator,
