@@ -118,7 +118,7 @@ def test_training_views_are_seeded_per_epoch(catalogue: Path) -> None:
     cfg = load_config("mmfl", [f"data.root={catalogue}", *SMALL])
     catalog = read_dataset(catalogue, "folder")
     plan = plan_views(cfg, catalog)
-    assert plan is not None and plan.protocol == "hard" and plan.mix == 1.0 and plan.size == 96  # 1.5 x input
+    assert plan is not None and plan.protocol == "hard" and plan.mix == 1.0 and plan.size == 128  # 2 x input
     records = training_records(catalog.split("train"), plan)
     virtual = [r for r in records if r.view]
     assert len(virtual) == 3 * len(catalog.items(catalog.split("train")))
@@ -134,7 +134,7 @@ def test_training_views_are_seeded_per_epoch(catalogue: Path) -> None:
     assert maker.render(virtual[0]) == first[0]
     assert maker.render(catalog.split("train")[0]) is None  # a shop photo is itself
     jpeg, (x1, y1, x2, y2) = first[0]
-    assert Image.open(io.BytesIO(jpeg)).size == (96, 96) and 0 <= x1 < x2 <= 96 and 0 <= y1 < y2 <= 96
+    assert Image.open(io.BytesIO(jpeg)).size == (128, 128) and 0 <= x1 < x2 <= 128 and 0 <= y1 < y2 <= 128
 
 
 def test_view_mix_on_data_with_consumer_photos(tmp_path: Path) -> None:
@@ -199,12 +199,12 @@ def test_held_out_views_are_cached_byte_identical(catalogue: Path, tmp_path: Pat
 
 
 def test_catalogue_only_training_beats_the_untrained_model(catalogue: Path, tmp_path: Path) -> None:
-    """Four epochs on shop photos alone beat the untrained checkpoint on held-out items' generated views,
+    """Eight epochs on shop photos alone beat the untrained checkpoint on held-out items' generated views,
     searched against every shop photo; validation ran on the cached views each epoch."""
     catalog = read_dataset(catalogue, "folder")
     common = [f"data.root={catalogue}", *SMALL, f"data.view_cache={tmp_path / 'cache'}"]
     scores = {}
-    for name, epochs in (("untrained", 0), ("trained", 4)):
+    for name, epochs in (("untrained", 0), ("trained", 8)):
         cfg = load_config("mmfl", [*common, f"output_dir={tmp_path / name}", f"train.epochs={epochs}"])
         result = train(cfg, progress=False)
         model = load_model(result.last_checkpoint)
@@ -213,13 +213,13 @@ def test_catalogue_only_training_beats_the_untrained_model(catalogue: Path, tmp_
                                       gallery_splits=["train", "val"], progress=False).metrics
     before, after = scores["untrained"], scores["trained"]
     assert before["num_queries"] == 3 * len(catalog.items(catalog.split("val"))) and before["num_gallery"] >= 60
-    # Stated margins (60 queries, 88 gallery photos; measured: top-10 0.18 -> 0.52, mAP 0.09 -> 0.21; an
-    # earlier run reached top-10 0.60: CPU runs under load are not bit-identical).
-    assert after["top10"] >= before["top10"] + 0.20, scores
-    assert after["mAP"] >= before["mAP"] + 0.06, scores
+    # Stated margins (60 queries, 88 gallery photos; two runs measured top-10 0.28 -> 0.73 and 0.68,
+    # mAP 0.15 -> 0.34 and 0.32: CPU training with 2 threads is not bit-identical run to run).
+    assert after["top10"] >= before["top10"] + 0.30, scores
+    assert after["mAP"] >= before["mAP"] + 0.12, scores
     history = [json.loads(line) for line in (tmp_path / "trained" / "metrics.jsonl").read_text().splitlines()]
     evals = [row for row in history if row["kind"] == "eval"]
-    assert len(evals) == 4 and all(row["num_queries"] == before["num_queries"] for row in evals)
+    assert len(evals) == 8 and all(row["num_queries"] == before["num_queries"] for row in evals)
     losses = [row["loss"] for row in history if row["kind"] == "epoch"]
     assert losses[-1] < losses[0]
 
