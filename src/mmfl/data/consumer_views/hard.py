@@ -9,7 +9,7 @@ shop photo. Per view, in this order (ranges at a 256 px canvas; lengths scale wi
    from [area, 1], height = area / width) at a random offset, so only part of the garment is in
    frame, as in a close-up or a photo cut by the frame;
 2. **non-rigid deformation**: a smooth displacement field, the sum of 3 sinusoids (0.5-2 cycles
-   across the garment, random directions, amplitude 2-6 % of the side each), sampled bilinearly
+   across the garment, random directions, amplitude 2-6 % of the side each), resampled bicubically
    at every pixel (folds, drape, a garment not lying flat); the field's divergence also shades the
    garment by up to about +/-20 %, darker where the cloth is compressed (the valley of a fold);
 3. **perspective**: corners move by up to 15 % of the side; **rotation**: -25..25 degrees;
