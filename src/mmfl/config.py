@@ -62,7 +62,7 @@ class DataConfig:
     decode: Literal["cpu", "gpu"] = "cpu"
     # Consumer-style views generated from shop photos (mmfl.data.generated_views): how hard (none = never),
     # what share of the consumer side they make up ("auto": all of it on catalogue-only data, none where
-    # the training split has consumer photos), how many per item, their canvas (0 = 2 x input.size, at
+    # the dataset has consumer photos), how many per item, their canvas (0 = 2 x input.size, at
     # most 384), the seed of the held-out views validation and eval score on, and where those are cached.
     views: Literal["none", "standard", "hard"] = "hard"
     view_mix: str = "auto"

@@ -26,7 +26,7 @@ HELP: dict[str, str] = {
     "data.decode": "where training JPEGs are decoded: cpu workers, or batched on the GPU (falls back to cpu)",
     "data.views": "consumer-style views generated from shop photos (docs/datasets.md): hard, standard, or none",
     "data.view_mix": "share of the training consumer images that are generated views, 0..1; auto = 1 when the "
-                     "training split has no consumer photo (a catalogue), else 0",
+                     "dataset has no consumer photo (a catalogue), else 0",
     "data.views_per_item": "generated views per item: its consumer side each epoch, and its cached held-out views",
     "data.view_size": "canvas of a generated view in pixels; 0 = twice input.size, at most 384",
     "data.view_seed": "seed of the held-out views that validation and eval score on (fixed across runs)",
