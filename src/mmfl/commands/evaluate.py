@@ -101,9 +101,10 @@ def with_query_views(catalog: Any, meta: dict, split: str, views: str | None, wo
     if views is not None:
         cfg.data.views = views
     plan = plan_views(cfg, catalog, for_training=False)
-    if plan is None or any(r.domain == "consumer" for r in catalog.split(split)):
+    with_views = catalog if plan is None else with_held_out_views(catalog, [split], plan, workers)
+    if len(with_views.records) == len(catalog.records):  # the split has its own queries (or none to view)
         return catalog, None
-    return with_held_out_views(catalog, [split], plan, workers), {
+    return with_views, {
         "protocol": plan.protocol, "render_version": RENDER_VERSIONS[plan.protocol], "per_item": plan.per_item,
         "size": plan.size, "seed": plan.held_out_seed}
 

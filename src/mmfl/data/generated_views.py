@@ -103,11 +103,11 @@ def training_records(records: Sequence[Record], plan: ViewPlan) -> list[Record]:
         else:
             with_consumer.add(r.item_id)
     virtual = [
-        Record(path=photos[(k - 1) % len(photos)].path, item_id=item, domain="consumer", split=photos[0].split,
-               category=photos[0].category, source=f"generated view {k} of {photos[(k - 1) % len(photos)].path}",
-               view=k)
+        Record(path=source, item_id=item, domain="consumer", split=photos[0].split, category=photos[0].category,
+               source=f"generated view {k} of {source}", view=k)
         for item, photos in shops.items() if item not in with_consumer
         for k in range(1, plan.per_item + 1)
+        for source in [photos[(k - 1) % len(photos)].path]
     ]
     return [*records, *virtual]
 
@@ -147,10 +147,9 @@ class ViewMaker:
         """The maker for a training set; draws the renderer's shared backgrounds before the workers fork."""
         warm_up(plan.size)
         shops: dict[str, list[str]] = {}
-        if plan.mix > 0:
-            for r in records:
-                if r.domain == "shop" and not r.view:
-                    shops.setdefault(r.item_id, []).append(r.path)
+        for r in records:
+            if r.domain == "shop":
+                shops.setdefault(r.item_id, []).append(r.path)
         return cls(plan, shops)
 
     def set_epoch(self, epoch: int) -> None:
@@ -161,7 +160,7 @@ class ViewMaker:
         p = self.plan
         if rec.view:
             return rec.path, view_rng("train-view", p.seed, self.epoch, rec.item_id, rec.path, rec.view)
-        if rec.domain != "consumer" or not 0 < p.mix or rec.item_id not in self.shop_photos:
+        if rec.domain != "consumer" or rec.item_id not in self.shop_photos:
             return None
         rng = view_rng("train-mix", p.seed, self.epoch, rec.item_id, rec.path, rec.box)
         if rng.random() >= p.mix:
